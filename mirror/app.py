@@ -1,0 +1,277 @@
+"""The web layer: Starlette routes ↔ calls into the pull-through cache.
+
+Routes parse what the client sent (names, references, Accept, Range), make one
+call into ``PullThroughCache`` and turn the answer into headers and bytes. They
+never decide whether to go upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import Settings
+from .errors import (
+    NameUnknown,
+    OCIError,
+    PaginationInvalid,
+    RangeNotSatisfiable,
+    Unsupported,
+)
+from .manifest import accepted_types
+from .reference import Digest, parse_digest, parse_reference
+from .service import Blob, Manifest, PullThroughCache
+from .store import Store
+from .upstream import Upstream
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("mirror.app")
+
+_READ_METHODS = ("GET", "HEAD")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_MAX_PAGE = 1000
+
+
+def _error_response(exc: OCIError, method: str) -> Response:
+    headers = dict(exc.headers)
+    body = {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]}
+    if method == "HEAD":
+        return Response(status_code=exc.status, headers=headers)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+async def _oci_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OCIError)
+    return _error_response(exc, request.method)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return _error_response(OCIError("internal error"), request.method)
+
+
+class _APIVersionHeader:
+    """Every answer says it speaks registry/2.0, as clients check on ``/v2/``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"].append((b"docker-distribution-api-version", b"registry/2.0"))
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+class _BlobStream(StreamingResponse):
+    """A streamed blob that is aborted, not ended cleanly, when its source fails.
+
+    Returning before the final body message makes the server drop the
+    connection, so a client never takes a short body for a whole blob.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        except OCIError as exc:
+            log.warning("aborted a blob response: %s", exc)
+        except OSError:
+            pass  # the client went away
+
+
+def _read_only(request: Request) -> None:
+    if request.method not in _READ_METHODS:
+        raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
+
+
+def _byte_range(header: str | None, size: int | None) -> tuple[int, int] | None:
+    """The single byte range asked for, as (start, end exclusive); None for the whole."""
+    if not header or size is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None  # several ranges or nonsense: RFC 9110 lets us send it all
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        start, end = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+        if last and int(last) < start:
+            return None
+    if start >= size or start >= end:
+        raise RangeNotSatisfiable(
+            f"range {header} is outside the blob's {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, end
+
+
+def _page_size(request: Request, default: int) -> int:
+    raw = request.query_params.get("n")
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise PaginationInvalid(f"n must be a non-negative integer, got {raw[:20]!r}")
+    return min(int(raw), _MAX_PAGE)
+
+
+def _next_link(path: str, n: int, last: str) -> str:
+    return f'<{path}?n={n}&last={quote(last)}>; rel="next"'
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    now: Callable[[], float] | None = None,
+) -> Starlette:
+    """The mirror as an ASGI app. Tests pass a transport that reaches a fake upstream."""
+    clock: dict[str, Any] = {"now": now} if now else {}
+    store = Store(settings.cache.directory, settings.cache.max_size, **clock)
+    upstreams = [Upstream(u, upstream_transport) for u in settings.upstreams]
+    cache = PullThroughCache(store, upstreams, offline=settings.cache.offline, **clock)
+
+    def route(request: Request) -> tuple[Upstream, str]:
+        return cache.route(request.path_params["name"], request.query_params.get("ns"))
+
+    async def api_root(request: Request) -> Response:
+        _read_only(request)
+        return JSONResponse({})
+
+    async def manifest(request: Request) -> Response:
+        _read_only(request)
+        upstream, repository = route(request)
+        reference = parse_reference(request.path_params["reference"])
+        accept = accepted_types(request.headers.getlist("accept"))
+        found = await cache.get_manifest(upstream, repository, reference, accept)
+        return _manifest_response(found, request.method)
+
+    async def blob(request: Request) -> Response:
+        _read_only(request)
+        upstream, repository = route(request)
+        digest = parse_digest(request.path_params["digest"])
+        if request.method == "HEAD":
+            size = await cache.head_blob(upstream, repository, digest)
+            return Response(headers=_blob_headers(digest, size))
+        found = await cache.get_blob(upstream, repository, digest)
+        return _blob_response(found, digest, request.headers.get("range"))
+
+    async def tags(request: Request) -> Response:
+        _read_only(request)
+        upstream, repository = route(request)
+        n = _page_size(request, _MAX_PAGE)
+        last = request.query_params.get("last")
+        names = await cache.get_tags(upstream, repository)
+        if last is not None:
+            names = [t for t in names if t > last]
+        page, more = names[:n], len(names) > n
+        headers = {"Link": _next_link(request.url.path, n, page[-1])} if more and page else {}
+        return JSONResponse({"name": request.path_params["name"], "tags": page}, headers=headers)
+
+    async def referrers(request: Request) -> Response:
+        _read_only(request)
+        upstream, repository = route(request)
+        digest = parse_digest(request.path_params["digest"])
+        artifact_type = request.query_params.get("artifactType")
+        body, content_type = await cache.get_referrers(upstream, repository, digest, artifact_type)
+        return Response(body, media_type=content_type)
+
+    async def catalog(request: Request) -> Response:
+        _read_only(request)
+        n = _page_size(request, 100)
+        names = await cache.catalog(n + 1, request.query_params.get("last"))
+        page, more = names[:n], len(names) > n
+        headers = {"Link": _next_link(request.url.path, n, page[-1])} if more and page else {}
+        return JSONResponse({"repositories": page}, headers=headers)
+
+    async def unknown(request: Request) -> Response:
+        _read_only(request)
+        raise NameUnknown(f"no such endpoint {request.url.path[:200]!r}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store.clean_temp()
+        try:
+            yield
+        finally:
+            await cache.aclose()
+            store.close()
+
+    every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    routes = [
+        Route("/v2/", api_root, methods=every),
+        Route("/v2/_catalog", catalog, methods=every),
+        Route("/v2/{name:path}/manifests/{reference}", manifest, methods=every),
+        Route("/v2/{name:path}/blobs/uploads/{rest:path}", unknown, methods=every),
+        Route("/v2/{name:path}/blobs/{digest}", blob, methods=every),
+        Route("/v2/{name:path}/tags/list", tags, methods=every),
+        Route("/v2/{name:path}/referrers/{digest}", referrers, methods=every),
+        Route("/v2/{rest:path}", unknown, methods=every),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={OCIError: _oci_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.cache = cache
+    app.add_middleware(_APIVersionHeader)
+    return app
+
+
+def _manifest_response(found: Manifest, method: str) -> Response:
+    headers = {
+        "Content-Type": found.media_type,
+        "Content-Length": str(len(found.body)),
+        "Docker-Content-Digest": str(found.digest),
+        "ETag": f'"{found.digest}"',
+    }
+    if found.result == "stale":
+        headers["Warning"] = '110 mirror "Response is Stale"'
+    return Response(b"" if method == "HEAD" else found.body, headers=headers)
+
+
+def _blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+    }
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    return headers
+
+
+def _blob_response(found: Blob, digest: Digest, range_header: str | None) -> Response:
+    try:
+        span = _byte_range(range_header, found.size)
+    except RangeNotSatisfiable:
+        found.close()
+        raise
+    headers = _blob_headers(digest, found.size)
+    if span is None:
+        return _BlobStream(found.chunks(), headers=headers)
+    start, end = span
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{found.size}"
+    return _BlobStream(found.chunks(start, end), status_code=206, headers=headers)

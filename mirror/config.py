@@ -1,0 +1,308 @@
+"""Settings: ``config.toml`` → validated, frozen dataclasses.
+
+Config flows one way: the file, then ``MIRROR_*`` environment overrides from the
+mapping passed in, then command-line flags (applied by the caller with
+``dataclasses.replace``). Every default lives in the dataclasses below. Bad
+input raises ``ConfigError`` naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "CacheSettings",
+    "ConfigError",
+    "ServerSettings",
+    "Settings",
+    "UpstreamSettings",
+    "load",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key has a bad value; the message names the key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    name: str  # the registry host clients know it by, e.g. "docker.io"
+    url: str  # base URL of its v2 API, e.g. "https://registry-1.docker.io"
+    username: str | None = None  # read from the environment variable named in the file
+    password: str | None = field(default=None, repr=False)
+    tag_ttl: float = 300.0  # seconds a tag → digest record is served without asking upstream
+    negative_ttl: float = 30.0  # seconds an upstream 404 for a tag is remembered
+    connect_timeout: float = 10.0  # seconds
+    read_timeout: float = 60.0  # seconds without a byte from the upstream
+    retries: int = 3  # extra attempts on connection errors, 5xx and 429
+    tls_verify: bool | str = True  # True, False (said explicitly) or a CA bundle path
+
+    @property
+    def official_prefix(self) -> bool:
+        """Docker Hub keeps single-component names under ``library/``."""
+        return self.name == "docker.io"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    directory: Path = Path("/var/cache/mirror")
+    max_size: int = 50 * 1024**3  # bytes
+    offline: bool = False  # never contact any upstream
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    workers: int = 1
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstreams: tuple[UpstreamSettings, ...]
+    server: ServerSettings = ServerSettings()
+    cache: CacheSettings = CacheSettings()
+
+    @property
+    def default_upstream(self) -> UpstreamSettings:
+        return self.upstreams[0]
+
+
+_SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(i)?)?b?\s*")
+_DURATION = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an integer or a string such as ``"50GiB"``, ``"500MB"``, ``"1g"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, 'expected a size such as "50GiB"')
+    match = _SIZE.fullmatch(str(value))
+    if not match:
+        raise ConfigError(key, f'expected a size such as "50GiB", got {value!r}')
+    number, prefix, binary = match.groups()
+    multiplier = (1024 if binary else 1000) ** ("kmgtp".index(prefix.lower()) + 1) if prefix else 1
+    size = int(float(number) * multiplier)
+    if size <= 0:
+        raise ConfigError(key, "must be greater than zero")
+    return size
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from a number or a string such as ``"5m"``, ``"30s"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, 'expected a duration such as "5m"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value))
+        if not match:
+            raise ConfigError(key, f'expected a duration such as "5m" or "30s", got {value!r}')
+        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+    if seconds < 0:
+        raise ConfigError(key, "must not be negative")
+    return seconds
+
+
+def _bool(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -> int:
+    try:
+        number = int(str(value)) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        bounds = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(key, f"expected an integer {bounds}, got {value!r}")
+    return number
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _table(value: object, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, "expected a table")
+    return value
+
+
+def _check_keys(table: Mapping[str, object], allowed: set[str], prefix: str) -> None:
+    for name in table:
+        if name not in allowed:
+            raise ConfigError(
+                f"{prefix}{name}", f"unknown key (known: {', '.join(sorted(allowed))})"
+            )
+
+
+_UPSTREAM_KEYS = {
+    "name",
+    "url",
+    "username_env",
+    "password_env",
+    "tag_ttl",
+    "negative_ttl",
+    "connect_timeout",
+    "read_timeout",
+    "retries",
+    "tls_verify",
+    "ca_bundle",
+}
+
+
+def _upstream(raw: Mapping[str, Any], key: str, environ: Mapping[str, str]) -> UpstreamSettings:
+    _check_keys(raw, _UPSTREAM_KEYS, f"{key}.")
+    name = _str(raw.get("name"), f"{key}.name").lower()
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d+)?", name):
+        raise ConfigError(
+            f"{key}.name", f'expected a registry host such as "docker.io", got {name!r}'
+        )
+    url = _str(raw.get("url"), f"{key}.url").rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ConfigError(f"{key}.url", f"expected http(s)://host[:port], got {url!r}")
+    credentials: dict[str, str | None] = {}
+    for which in ("username", "password"):
+        variable = raw.get(f"{which}_env")
+        credentials[which] = None
+        if variable is not None:
+            credentials[which] = environ.get(_str(variable, f"{key}.{which}_env")) or None
+    if (credentials["username"] is None) != (credentials["password"] is None):
+        raise ConfigError(
+            f"{key}.username_env", "username and password must both be set or neither"
+        )
+    tls_verify: bool | str = _bool(raw.get("tls_verify", True), f"{key}.tls_verify")
+    if "ca_bundle" in raw:
+        bundle = _str(raw["ca_bundle"], f"{key}.ca_bundle")
+        if not Path(bundle).is_file():
+            raise ConfigError(f"{key}.ca_bundle", f"no such file {bundle!r}")
+        tls_verify = bundle
+    defaults = UpstreamSettings(name="", url="")
+    return UpstreamSettings(
+        name=name,
+        url=url,
+        username=credentials["username"],
+        password=credentials["password"],
+        tag_ttl=parse_duration(raw.get("tag_ttl", defaults.tag_ttl), f"{key}.tag_ttl"),
+        negative_ttl=parse_duration(
+            raw.get("negative_ttl", defaults.negative_ttl), f"{key}.negative_ttl"
+        ),
+        connect_timeout=parse_duration(
+            raw.get("connect_timeout", defaults.connect_timeout), f"{key}.connect_timeout"
+        ),
+        read_timeout=parse_duration(
+            raw.get("read_timeout", defaults.read_timeout), f"{key}.read_timeout"
+        ),
+        retries=_int(raw.get("retries", defaults.retries), f"{key}.retries", minimum=0, maximum=10),
+        tls_verify=tls_verify,
+    )
+
+
+def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply ``MIRROR_<SECTION>_<KEY>`` and ``MIRROR_UPSTREAMS_<N>_<KEY>`` variables."""
+    for variable, value in environ.items():
+        if not variable.startswith("MIRROR_"):
+            continue
+        parts = variable[len("MIRROR_") :].lower().split("_", 1)
+        if len(parts) != 2:
+            continue
+        section, rest = parts
+        if section in ("server", "cache"):
+            data.setdefault(section, {})[rest] = value
+        elif section == "upstreams":
+            index, _, name = rest.partition("_")
+            upstreams = data.get("upstreams") or []
+            if index.isdigit() and name and int(index) < len(upstreams):
+                upstreams[int(index)][name] = value
+
+
+def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if "upstreams" in data and isinstance(data["upstreams"], list):
+        data["upstreams"] = [dict(u) if isinstance(u, dict) else u for u in data["upstreams"]]
+    _overrides(data, environ)
+    _check_keys(data, {"server", "cache", "upstreams"}, "")
+
+    server_raw = _table(data.get("server", {}), "server")
+    _check_keys(server_raw, {"host", "port", "workers", "log_level"}, "server.")
+    server = ServerSettings(
+        host=_str(server_raw.get("host", ServerSettings.host), "server.host"),
+        port=_int(
+            server_raw.get("port", ServerSettings.port), "server.port", minimum=0, maximum=65535
+        ),
+        workers=_int(
+            server_raw.get("workers", ServerSettings.workers), "server.workers", minimum=1
+        ),
+        log_level=_str(server_raw.get("log_level", ServerSettings.log_level), "server.log_level"),
+    )
+    if server.log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise ConfigError(
+            "server.log_level", "expected one of critical, error, warning, info, debug"
+        )
+
+    cache_raw = _table(data.get("cache", {}), "cache")
+    _check_keys(cache_raw, {"directory", "max_size", "offline"}, "cache.")
+    cache = CacheSettings(
+        directory=Path(
+            _str(str(cache_raw.get("directory", CacheSettings.directory)), "cache.directory")
+        ),
+        max_size=parse_size(cache_raw.get("max_size", CacheSettings.max_size), "cache.max_size"),
+        offline=_bool(cache_raw.get("offline", False), "cache.offline"),
+    )
+
+    upstreams_raw = data.get("upstreams")
+    if not isinstance(upstreams_raw, list) or not upstreams_raw:
+        raise ConfigError("upstreams", "at least one [[upstreams]] entry is required")
+    upstreams = tuple(
+        _upstream(_table(raw, f"upstreams[{i}]"), f"upstreams[{i}]", environ)
+        for i, raw in enumerate(upstreams_raw)
+    )
+    names = [u.name for u in upstreams]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError("upstreams", f"upstream name {name!r} appears more than once")
+    return Settings(upstreams=upstreams, server=server, cache=cache)
+
+
+def load(path: Path, environ: Mapping[str, str]) -> Settings:
+    """Read and validate a config file; raise ConfigError on any problem."""
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), exc.strerror or str(exc)) from exc
+    return parse(data, environ)

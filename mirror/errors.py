@@ -1,0 +1,103 @@
+"""The errors the mirror answers with, as the OCI distribution spec names them.
+
+Every failure that reaches a client is an ``OCIError``; the web layer renders it as
+``{"errors": [{"code", "message", "detail"}]}`` with ``status``. Nothing else builds
+error JSON.
+
+    OCIError (500 UNKNOWN)
+    ├── NameInvalid (400)        ├── Unauthorized (401)
+    ├── DigestInvalid (400)      ├── Denied (403)
+    ├── ManifestInvalid (400)    ├── Unsupported (405)
+    ├── RangeNotSatisfiable(416) ├── TooManyRequests (429)
+    ├── BlobUnknown (404)        └── Unavailable (503)
+    ├── ManifestUnknown (404)
+    └── NameUnknown (404)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobUnknown",
+    "Denied",
+    "DigestInvalid",
+    "ManifestInvalid",
+    "ManifestUnknown",
+    "NameInvalid",
+    "NameUnknown",
+    "OCIError",
+    "PaginationInvalid",
+    "RangeNotSatisfiable",
+    "TooManyRequests",
+    "Unauthorized",
+    "Unavailable",
+    "Unsupported",
+]
+
+
+class OCIError(Exception):
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(
+        self,
+        message: str = "",
+        detail: object = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message or self.code.lower().replace("_", " "))
+        self.message = str(self.args[0])
+        self.detail = detail
+        # Extra response headers the client needs, e.g. Retry-After on 429.
+        self.headers = headers or {}
+
+
+class NameInvalid(OCIError):
+    code, status = "NAME_INVALID", 400
+
+
+class DigestInvalid(OCIError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class ManifestInvalid(OCIError):
+    code, status = "MANIFEST_INVALID", 400
+
+
+class BlobUnknown(OCIError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class ManifestUnknown(OCIError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class NameUnknown(OCIError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class Unauthorized(OCIError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class Denied(OCIError):
+    code, status = "DENIED", 403
+
+
+class Unsupported(OCIError):
+    code, status = "UNSUPPORTED", 405
+
+
+class RangeNotSatisfiable(OCIError):
+    code, status = "RANGE_INVALID", 416
+
+
+class TooManyRequests(OCIError):
+    code, status = "TOOMANYREQUESTS", 429
+
+
+class Unavailable(OCIError):
+    code, status = "UNAVAILABLE", 503
+
+
+class PaginationInvalid(OCIError):
+    code, status = "PAGINATION_NUMBER_INVALID", 400

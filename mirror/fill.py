@@ -1,0 +1,207 @@
+"""Filling a blob from the upstream while any number of readers follow it.
+
+A fill downloads one blob into a temporary file, hashing as it writes. It
+belongs to no request: a client hanging up does not stop it, and every request
+for the same digest — in this process or, through the lock file, in another
+worker — streams from the growing file as bytes land instead of going upstream
+or waiting for the end. Readers are always one chunk behind the writer until the
+digest is verified, so a client never receives the last bytes of a blob that
+turns out to be wrong: its connection is aborted instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import anyio
+
+from .errors import OCIError, Unavailable
+from .locks import FileLock, lock_is_held, read_note
+from .reference import Digest
+from .upstream import BlobResponse
+
+__all__ = ["FOREIGN_POLL_SECONDS", "Fill", "ForeignFill", "Progress", "follow"]
+
+log = logging.getLogger("mirror.fill")
+
+_READ_CHUNK = 1024 * 1024
+# How often a reader following another worker's fill looks for new bytes.
+FOREIGN_POLL_SECONDS = 0.02
+
+
+class Progress:
+    """What a reader needs to know of a fill: how far it may read, and whether it ended."""
+
+    path: Path
+    size: int | None = None  # expected length, when the upstream said
+
+    def readable(self) -> int:
+        raise NotImplementedError
+
+    def outcome(self) -> bool | None:
+        """True when complete and verified; None while running; raises if it failed."""
+        raise NotImplementedError
+
+    async def wait(self) -> None:
+        raise NotImplementedError
+
+
+class Fill(Progress):
+    """A download this process runs, as the holder of the digest's lock."""
+
+    def __init__(self, digest: Digest, path: Path, lock: FileLock) -> None:
+        self.digest = digest
+        self.path = path
+        self._lock = lock
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a leftover of a dead fill; its readers keep their own inode
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hasher = digest.hasher()
+        self._written = 0
+        self._readable = 0
+        self._done = False
+        self._error: OCIError | None = None
+        self._changed = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the size is known, or the fill failed
+
+    def readable(self) -> int:
+        return self._readable
+
+    def outcome(self) -> bool | None:
+        if self._error is not None:
+            raise self._error
+        return True if self._done else None
+
+    async def wait(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._hasher.update(chunk)
+
+    async def run(
+        self,
+        source: Callable[[], AbstractAsyncContextManager[BlobResponse]],
+        adopt: Callable[[Path], Awaitable[None]],
+    ) -> None:
+        """Download, verify, adopt into the cache; every failure ends up in ``outcome``."""
+        try:
+            async with source() as response:
+                self.size = response.size
+                self._lock.write_note(str(response.size if response.size is not None else ""))
+                self.ready.set()
+                async for chunk in response.chunks:
+                    # Hashing and writing release the GIL: keep them off the event loop.
+                    await anyio.to_thread.run_sync(self._write, chunk)
+                    self._readable = self._written  # one chunk behind until verified
+                    self._written += len(chunk)
+                    self._notify()
+            self._verify()
+            os.close(self._fd)
+            self._fd = -1
+            await adopt(self.path)
+            self._readable = self._written
+            self._done = True
+        except OCIError as exc:
+            self._error = exc
+        except OSError as exc:
+            log.error("fill of %s failed on disk: %s", self.digest, exc)
+            self._error = Unavailable(f"could not store blob {self.digest}: {exc.strerror}")
+        except BaseException:
+            self._error = Unavailable(f"fill of {self.digest} was interrupted")
+            raise
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+            if not self._done:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            self._lock.release(remove=True)
+            self.ready.set()
+            self._notify()
+
+    def _verify(self) -> None:
+        if self.size is not None and self._written != self.size:
+            raise Unavailable(
+                f"upstream sent {self._written} bytes of blob {self.digest}, announced {self.size}"
+            )
+        actual = Digest(self.digest.algorithm, self._hasher.hexdigest())
+        if actual != self.digest:
+            log.error(
+                "digest mismatch: upstream sent %s for blob %s; not cached", actual, self.digest
+            )
+            raise Unavailable(f"upstream sent wrong content for blob {self.digest}")
+
+
+class ForeignFill(Progress):
+    """Another worker's fill, followed through its temporary file and lock."""
+
+    def __init__(self, path: Path, lock_path: Path, is_cached: Callable[[], bool]) -> None:
+        self.path = path
+        self._lock_path = lock_path
+        self._is_cached = is_cached
+        note = read_note(lock_path)
+        self.size = int(note) if note.isdigit() else None
+        self._result: bool | None = None
+
+    def readable(self) -> int:
+        if self._result:
+            return self.size if self.size is not None else sys.maxsize
+        try:
+            on_disk = os.stat(self.path).st_size
+        except FileNotFoundError:
+            on_disk = 0
+        # Like our own fills, stay short of the end until the owner has verified it.
+        return min(on_disk, self.size - 1) if self.size else 0
+
+    def outcome(self) -> bool | None:
+        if self._result is None and not lock_is_held(self._lock_path):
+            if not self._is_cached():
+                raise Unavailable("the worker filling this blob failed; retry")
+            self._result = True
+        return self._result
+
+    async def wait(self) -> None:
+        await asyncio.sleep(FOREIGN_POLL_SECONDS)
+
+
+async def follow(
+    progress: Progress, fd: int, start: int = 0, end: int | None = None
+) -> AsyncIterator[bytes]:
+    """Bytes ``start``..``end`` (exclusive) of a fill, as they become readable.
+
+    ``fd`` was opened on the fill's file before the fill could finish, so it
+    keeps reading the same bytes after the file is renamed into the cache.
+    """
+    position = start
+    try:
+        while end is None or position < end:
+            limit = progress.readable() if end is None else min(progress.readable(), end)
+            if position < limit:
+                data = os.pread(fd, min(limit - position, _READ_CHUNK), position)
+                if data:
+                    position += len(data)
+                    yield data
+                    continue
+                if not progress.outcome():
+                    raise Unavailable("blob fill file was truncated")
+                break  # a finished fill of unannounced size ends where its file ends
+            if progress.outcome() and position >= progress.readable():
+                break
+            if not progress.outcome():
+                await progress.wait()
+    finally:
+        os.close(fd)

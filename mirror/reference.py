@@ -1,0 +1,73 @@
+"""Pure parsing of what clients name: repositories, tags, digests.
+
+Everything a client sends is checked here before it can reach the disk or an
+upstream, so a name can never climb out of the cache directory or smuggle a
+host into an upstream URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from .errors import DigestInvalid, ManifestInvalid, NameInvalid
+
+__all__ = ["Digest", "parse_digest", "parse_reference", "parse_repository", "upstream_repository"]
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_HEX = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
+# distribution's limit on a repository name, host included.
+_MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content digest such as ``sha256:<64 hex>``."""
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def parse_digest(text: str) -> Digest:
+    algorithm, sep, hex_ = text.partition(":")
+    pattern = _HEX.get(algorithm)
+    if not sep or pattern is None or not pattern.fullmatch(hex_):
+        raise DigestInvalid(f"invalid digest {text[:140]!r}", detail={"digest": text[:140]})
+    return Digest(algorithm, hex_)
+
+
+def parse_repository(name: str) -> str:
+    if len(name) > _MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+        raise NameInvalid(f"invalid repository name {name[:300]!r}", detail={"name": name[:300]})
+    return name
+
+
+def parse_reference(reference: str) -> str | Digest:
+    """A manifest reference: a tag, or a digest when it has a colon."""
+    if ":" in reference:
+        return parse_digest(reference)
+    if not _TAG.fullmatch(reference):
+        raise ManifestInvalid(
+            f"invalid tag {reference[:140]!r}", detail={"reference": reference[:140]}
+        )
+    return reference
+
+
+def upstream_repository(name: str, *, official_prefix: bool) -> str:
+    """The name an upstream knows: Docker Hub keeps official images under ``library/``."""
+    if official_prefix and "/" not in name:
+        return f"library/{name}"
+    return name

@@ -1,0 +1,371 @@
+"""The pull-through policy: what is answered from disk, what goes upstream, and
+what is served stale. This is the one module that decides.
+
+- By digest (blobs, manifests): local first; a miss is fetched once, verified,
+  stored and served while it streams.
+- By tag: the local record while it is younger than the upstream's ``tag_ttl``;
+  then a HEAD upstream (cheap, not rate-limited), and a GET only when the digest
+  moved. When the upstream fails, the last known record is served, marked stale.
+- Offline: never a byte from any upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import anyio
+
+from .errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    OCIError,
+    TooManyRequests,
+    Unavailable,
+)
+from .fill import Fill, ForeignFill, Progress, follow
+from .locks import FileLock
+from .reference import Digest, parse_repository
+from .singleflight import SingleFlight
+from .store import Store
+from .upstream import FetchedManifest, Upstream
+
+__all__ = ["Blob", "Manifest", "PullThroughCache"]
+
+log = logging.getLogger("mirror.service")
+
+T = TypeVar("T")
+_CACHED_READ_CHUNK = 1024 * 1024
+# Failures after which the last known answer is served instead of an error.
+_STALE_ON = (Unavailable, TooManyRequests)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: Digest
+    result: str  # hit, miss, revalidated, stale, coalesced
+
+
+class Blob:
+    """A blob's bytes, from the cache or from a fill in progress."""
+
+    def __init__(self, size: int | None, result: str) -> None:
+        self.size = size
+        self.result = result  # hit, miss, coalesced
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _CachedBlob(Blob):
+    def __init__(self, handle: BinaryIO) -> None:
+        super().__init__(os.fstat(handle.fileno()).st_size, "hit")
+        self._handle = handle
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        fd = self._handle.fileno()
+        position, stop = start, self.size if end is None else end
+        assert stop is not None
+        try:
+            while position < stop:
+                data = await anyio.to_thread.run_sync(
+                    os.pread, fd, min(_CACHED_READ_CHUNK, stop - position), position
+                )
+                if not data:
+                    raise Unavailable("cached blob is shorter than its record")
+                position += len(data)
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class _FollowedBlob(Blob):
+    def __init__(self, progress: Progress, result: str) -> None:
+        super().__init__(progress.size, result)
+        self._progress = progress
+        # Opened now, before the fill can finish and rename the file away.
+        self._fd: int | None = os.open(progress.path, os.O_RDONLY)
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        return follow(self._progress, fd, start, end)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class PullThroughCache:
+    """Answers pulls from the store, filling misses from the upstreams."""
+
+    def __init__(
+        self,
+        store: Store,
+        upstreams: list[Upstream],
+        *,
+        offline: bool = False,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.upstreams: Mapping[str, Upstream] = {u.name: u for u in upstreams}
+        self.default_upstream = upstreams[0]
+        self.offline = offline
+        self._now = now
+        self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
+        self._fills: dict[Digest, Fill] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._manifests.aclose()
+        for upstream in self.upstreams.values():
+            await upstream.aclose()
+
+    async def _disk(self, function: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(function, *args)
+
+    # routing
+
+    def route(self, name: str, namespace: str | None = None) -> tuple[Upstream, str]:
+        """The upstream a request is for, and the repository name there.
+
+        containerd's ``?ns=`` wins; then a first path component naming a configured
+        upstream (``ghcr.io/org/img``); otherwise the default upstream. A host that
+        is not configured is refused: the mirror is not an open proxy.
+        """
+        parse_repository(name)
+        if namespace:
+            upstream = self.upstreams.get(namespace.lower())
+            if upstream is None:
+                raise NameUnknown(f"registry {namespace!r} is not an upstream of this mirror")
+            return upstream, name
+        first, _, rest = name.partition("/")
+        if rest and "." in first:
+            upstream = self.upstreams.get(first)
+            if upstream is None:
+                raise NameUnknown(f"registry {first!r} is not an upstream of this mirror")
+            return upstream, rest
+        return self.default_upstream, name
+
+    def _catalog_name(self, upstream: Upstream, repository: str) -> str:
+        if upstream is self.default_upstream:
+            return repository
+        return f"{upstream.name}/{repository}"
+
+    def _offline_error(self, kind: type[OCIError], what: str) -> OCIError:
+        return kind(f"{what} is not cached and the mirror is offline")
+
+    # manifests
+
+    async def get_manifest(
+        self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]
+    ) -> Manifest:
+        if isinstance(reference, Digest):
+            manifest = await self._manifest_by_digest(upstream, repository, reference, accept)
+        else:
+            manifest = await self._manifest_by_tag(upstream, repository, reference, accept)
+        if manifest.media_type not in accept:
+            raise ManifestUnknown(
+                f"manifest {reference} is {manifest.media_type}, which the client does not accept",
+                detail={"mediaType": manifest.media_type, "accepted": list(accept)},
+            )
+        return manifest
+
+    async def _manifest_by_digest(
+        self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
+    ) -> Manifest:
+        cached = await self._disk(self.store.get_manifest, digest)
+        if cached is not None:
+            return Manifest(cached[1], cached[0], digest, "hit")
+        if self.offline:
+            raise self._offline_error(ManifestUnknown, f"manifest {digest}")
+        fetched, joined = await self._fetch_manifest(upstream, repository, digest, accept)
+        return Manifest(fetched.body, fetched.media_type, digest, "coalesced" if joined else "miss")
+
+    async def _manifest_by_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> Manifest:
+        record = await self._disk(self.store.get_tag, upstream.name, repository, tag, accept)
+        cached = None
+        if record is not None:
+            cached = await self._disk(self.store.get_manifest, record.digest)
+        if record is not None and cached is not None:
+            media_type, body = cached
+            age = self._now() - record.checked_at
+            if self.offline or 0 <= age < upstream.settings.tag_ttl:
+                return Manifest(body, media_type, record.digest, "hit")
+        if self.offline:
+            raise self._offline_error(ManifestUnknown, f"manifest {repository}:{tag}")
+        missing_key = f"{upstream.name}/{repository}:{tag}|{','.join(accept)}"
+        if await self._disk(self.store.is_missing, missing_key):
+            raise ManifestUnknown(f"manifest {repository}:{tag} is unknown upstream (remembered)")
+        try:
+            if record is not None and cached is not None:
+                head = await upstream.head_manifest(repository, tag, accept)
+                if head.digest == record.digest:
+                    await self._disk(
+                        self.store.put_tag,
+                        upstream.name,
+                        repository,
+                        tag,
+                        accept,
+                        record.digest,
+                        cached[0],
+                    )
+                    return Manifest(cached[1], cached[0], record.digest, "revalidated")
+            fetched, joined = await self._fetch_manifest(upstream, repository, tag, accept)
+        except ManifestUnknown:
+            await self._disk(self.store.put_missing, missing_key, upstream.settings.negative_ttl)
+            raise
+        except _STALE_ON as exc:
+            if record is None or cached is None:
+                raise
+            log.warning(
+                "upstream %s failed (%s); serving stale %s:%s", upstream.name, exc, repository, tag
+            )
+            return Manifest(cached[1], cached[0], record.digest, "stale")
+        return Manifest(
+            fetched.body, fetched.media_type, fetched.digest, "coalesced" if joined else "miss"
+        )
+
+    async def _fetch_manifest(
+        self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]
+    ) -> tuple[FetchedManifest, bool]:
+        async def fetch() -> FetchedManifest:
+            fetched = await upstream.get_manifest(repository, reference, accept)
+            await self._disk(
+                self._remember_manifest, upstream, repository, reference, accept, fetched
+            )
+            return fetched
+
+        key = (upstream.name, repository, str(reference), accept)
+        return await self._manifests.do(key, fetch)
+
+    def _remember_manifest(
+        self,
+        upstream: Upstream,
+        repository: str,
+        reference: str | Digest,
+        accept: tuple[str, ...],
+        fetched: FetchedManifest,
+    ) -> None:
+        self.store.put_manifest(fetched.digest, fetched.media_type, fetched.body)
+        if not isinstance(reference, Digest):
+            self.store.put_tag(
+                upstream.name, repository, reference, accept, fetched.digest, fetched.media_type
+            )
+        self.store.add_repository(self._catalog_name(upstream, repository))
+
+    # blobs
+
+    async def get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
+        """The blob's bytes: from disk, or streamed from the one fill of this digest."""
+        handle = await self._disk(self.store.open_blob, digest)
+        if handle is not None:
+            return _CachedBlob(handle)
+        fill = self._fills.get(digest)
+        if fill is not None:
+            return await self._join(fill, "coalesced")
+        if self.offline:
+            raise self._offline_error(BlobUnknown, f"blob {digest}")
+        lock = FileLock(self.store.lock_path(digest))
+        if not lock.try_acquire():
+            return self._follow_foreign(digest)
+        if self.store.has_blob(digest):  # filled and adopted while we looked
+            lock.release()
+            return await self.get_blob(upstream, repository, digest)
+        fill = Fill(digest, self.store.temp_path(digest), lock)
+        self._fills[digest] = fill
+
+        async def adopt(path: Path) -> None:
+            await self._disk(self.store.adopt_blob, path, digest)
+
+        async def run() -> None:
+            try:
+                await fill.run(lambda: upstream.open_blob(repository, digest), adopt)
+            finally:
+                self._fills.pop(digest, None)
+
+        # The fill is nobody's request: keep a reference so it runs to its end.
+        task = asyncio.ensure_future(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await self._join(fill, "miss")
+
+    async def _join(self, fill: Fill, result: str) -> Blob:
+        await fill.ready.wait()
+        fill.outcome()  # raises if the fill failed before its first byte
+        return _FollowedBlob(fill, result)
+
+    def _follow_foreign(self, digest: Digest) -> Blob:
+        progress = ForeignFill(
+            self.store.temp_path(digest),
+            self.store.lock_path(digest),
+            lambda: self.store.has_blob(digest),
+        )
+        try:
+            return _FollowedBlob(progress, "coalesced")
+        except FileNotFoundError:
+            # The other worker finished (or failed) between our lock attempt and now.
+            raise Unavailable(f"blob {digest} is being filled by another worker; retry") from None
+
+    async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
+        """A blob's size, without downloading it."""
+        handle = await self._disk(self.store.open_blob, digest)
+        if handle is not None:
+            with handle:
+                return os.fstat(handle.fileno()).st_size
+        fill = self._fills.get(digest)
+        if fill is not None:
+            await fill.ready.wait()
+            fill.outcome()
+            return fill.size
+        if self.offline:
+            raise self._offline_error(BlobUnknown, f"blob {digest}")
+        return await upstream.head_blob(repository, digest)
+
+    # listings
+
+    async def get_tags(self, upstream: Upstream, repository: str) -> list[str]:
+        if self.offline:
+            raise self._offline_error(NameUnknown, f"tag list of {repository}")
+        return sorted(await upstream.get_tags(repository))
+
+    async def get_referrers(
+        self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, str]:
+        if self.offline:
+            raise self._offline_error(ManifestUnknown, f"referrers of {digest}")
+        return await upstream.get_referrers(repository, digest, artifact_type)
+
+    async def catalog(self, n: int, last: str | None) -> list[str]:
+        def page() -> list[str]:
+            names: list[str] = []
+            for name in self.store.repositories():
+                if last is not None and name <= last:
+                    continue
+                names.append(name)
+                if len(names) >= n:
+                    break
+            return names
+
+        return await self._disk(page)

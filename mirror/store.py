@@ -1,0 +1,204 @@
+"""The disk cache: blobs as content-addressed files, manifests and tag records,
+all indexed by diskcache.
+
+diskcache owns the record of every entry (size, last access) and the
+least-recently-used culling; ``_BlobDisk`` teaches it to adopt a finished,
+verified temporary file by rename instead of copying a big blob a second time.
+Every method is synchronous and small: the caller runs them off the event loop.
+
+Layout under the cache directory::
+
+    cache.db                      diskcache's SQLite index
+    blobs/sha256/ab/abcd….<rand>  blob files (adopted by rename)
+    tmp/                          fills in progress; never served from the index
+    locks/                        one lock file per digest being filled
+    repositories/                 a second, never-culled index: the catalog
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import diskcache
+
+from .locks import FileLock
+from .reference import Digest
+
+__all__ = ["AdoptFile", "Store", "TagRecord"]
+
+# Manifests (≤ 4 MiB) stay inside SQLite; only blobs become files.
+_INLINE_LIMIT = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AdoptFile:
+    """A verified file to be moved (renamed) into the cache as a blob."""
+
+    path: Path
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    digest: Digest
+    media_type: str
+    checked_at: float  # wall-clock seconds when the upstream last confirmed it
+
+
+class _BlobDisk(diskcache.Disk):  # type: ignore[misc]
+    """A diskcache Disk that stores ``AdoptFile`` values by renaming them."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not isinstance(value, AdoptFile):
+            return super().store(value, read, key=key)
+        digest = value.digest
+        # The random suffix keeps a replaced entry's cleanup from deleting its successor.
+        filename = os.path.join(
+            "blobs", digest.algorithm, digest.hex[:2], f"{digest.hex}.{os.urandom(4).hex()}"
+        )
+        full_path = os.path.join(self._directory, filename)
+        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        size = os.path.getsize(value.path)
+        os.replace(value.path, full_path)
+        return size, diskcache.core.MODE_BINARY, filename, None
+
+
+def _blob_key(digest: Digest) -> str:
+    return f"blob:{digest}"
+
+
+def _manifest_key(digest: Digest) -> str:
+    return f"manifest:{digest}"
+
+
+def _tag_key(upstream: str, repository: str, tag: str, accept: tuple[str, ...]) -> str:
+    return f"tag:{upstream}/{repository}:{tag}|{','.join(accept)}"
+
+
+class Store:
+    """Blobs, manifests, tag records and the catalog, on disk."""
+
+    def __init__(
+        self, directory: Path, max_size: int, now: Callable[[], float] = time.time
+    ) -> None:
+        self.directory = directory
+        self.tmp_dir = directory / "tmp"
+        self.lock_dir = directory / "locks"
+        for path in (directory, self.tmp_dir, self.lock_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self._now = now
+        self._index = diskcache.Cache(
+            str(directory),
+            disk=_BlobDisk,
+            size_limit=max_size,
+            eviction_policy="least-recently-used",
+            disk_min_file_size=_INLINE_LIMIT,
+            # Other workers share the index; wait for their writes rather than fail.
+            timeout=60,
+        )
+        self._repositories = diskcache.Cache(
+            str(directory / "repositories"), eviction_policy="none", timeout=60
+        )
+
+    def close(self) -> None:
+        self._index.close()
+        self._repositories.close()
+
+    # blobs
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        """An open handle on a cached blob, or None; marks it recently used.
+
+        Eviction may unlink the file later, but an open handle keeps reading.
+        """
+        handle: BinaryIO | None = self._index.get(_blob_key(digest), read=True)
+        return handle
+
+    def has_blob(self, digest: Digest) -> bool:
+        return _blob_key(digest) in self._index
+
+    def adopt_blob(self, temp: Path, digest: Digest) -> None:
+        """Move a verified temporary file into the cache, then cull to the cap."""
+        self._index.set(_blob_key(digest), AdoptFile(temp, digest))
+        self._index.cull()
+
+    def temp_path(self, digest: Digest) -> Path:
+        """Where a blob is filled; fixed, so other workers can follow the fill."""
+        return self.tmp_dir / f"{digest.algorithm}-{digest.hex}"
+
+    def lock_path(self, digest: Digest) -> Path:
+        return self.lock_dir / f"{digest.algorithm}-{digest.hex}.lock"
+
+    # manifests
+
+    def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        value = self._index.get(_manifest_key(digest))
+        if value is None:
+            return None
+        media_type, body = value
+        return str(media_type), bytes(body)
+
+    def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        self._index.set(_manifest_key(digest), (media_type, body))
+
+    # tags
+
+    def get_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        value = self._index.get(_tag_key(upstream, repository, tag, accept))
+        if value is None:
+            return None
+        digest, media_type, checked_at = value
+        return TagRecord(Digest(*digest), media_type, checked_at)
+
+    def put_tag(
+        self,
+        upstream: str,
+        repository: str,
+        tag: str,
+        accept: tuple[str, ...],
+        digest: Digest,
+        media_type: str,
+    ) -> None:
+        record = ((digest.algorithm, digest.hex), media_type, self._now())
+        self._index.set(_tag_key(upstream, repository, tag, accept), record)
+
+    def put_missing(self, key: str, ttl: float) -> None:
+        """Remember an upstream 404 for ``ttl`` seconds."""
+        if ttl > 0:
+            self._index.set(f"missing:{key}", True, expire=ttl)
+
+    def is_missing(self, key: str) -> bool:
+        return bool(self._index.get(f"missing:{key}", False))
+
+    # catalog
+
+    def add_repository(self, name: str) -> None:
+        if name not in self._repositories:
+            self._repositories.set(name, True)
+
+    def repositories(self) -> Iterator[str]:
+        """Cached repository names in sorted order."""
+        for key in self._repositories.iterkeys():
+            yield str(key)
+
+    # housekeeping
+
+    def clean_temp(self) -> None:
+        """Remove temporary files left by fills that died with their process."""
+        for path in self.tmp_dir.iterdir():
+            lock = FileLock(self.lock_dir / f"{path.name}.lock")
+            if lock.try_acquire():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                lock.release(remove=True)
+
+    def volume(self) -> int:
+        return int(self._index.volume())

@@ -1,0 +1,342 @@
+"""One upstream registry, spoken to over httpx.
+
+Knows the v2 pull API's URLs, authentication, timeouts and retries, and turns
+every upstream answer that is not a success into an ``OCIError``. It knows
+nothing of the cache or of the client's HTTP request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from .auth import RegistryAuth
+from .config import UpstreamSettings
+from .errors import (
+    BlobUnknown,
+    Denied,
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    OCIError,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
+from .reference import Digest, parse_digest, upstream_repository
+
+__all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Upstream"]
+
+log = logging.getLogger("mirror.upstream")
+
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+_BACKOFF_SECONDS = 0.25  # first retry delay; doubles per attempt
+_MAX_RETRY_AFTER = 30.0  # never sleep longer than this on a Retry-After
+_BLOB_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    body: bytes
+    media_type: str
+    digest: Digest  # of the body, checked against the upstream's claim
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: Digest | None
+    media_type: str | None
+    size: int | None
+
+
+@dataclass
+class BlobResponse:
+    size: int | None
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass
+class RateLimit:
+    limit: int | None = None
+    remaining: int | None = None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), _MAX_RETRY_AFTER)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        if when is None:
+            return None
+        return min(max(when.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
+
+
+def _rate_value(value: str | None) -> int | None:
+    # Docker Hub sends "100;w=21600": the number before the window.
+    if not value:
+        return None
+    head = value.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+class Upstream:
+    """A configured upstream registry."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.rate_limit = RateLimit()
+        timeout = httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.read_timeout,
+            write=settings.read_timeout,
+            pool=settings.connect_timeout,
+        )
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        common = {
+            "timeout": timeout,
+            "limits": limits,
+            "transport": transport,
+            "verify": settings.tls_verify,
+            "headers": {"User-Agent": "mirror/0.1"},
+        }
+        self._token_client = httpx.AsyncClient(**common)  # type: ignore[arg-type]
+        self._client = httpx.AsyncClient(
+            base_url=settings.url,
+            auth=RegistryAuth(self._token_client, settings.username, settings.password, now),
+            # Docker Hub answers blob GETs with a redirect to a CDN; httpx drops the
+            # Authorization header when a redirect leaves the upstream's origin.
+            follow_redirects=True,
+            **common,  # type: ignore[arg-type]
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._token_client.aclose()
+
+    def _path(self, repository: str, kind: str, reference: str) -> str:
+        name = upstream_repository(repository, official_prefix=self.settings.official_prefix)
+        return f"/v2/{name}/{kind}/{reference}"
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        unknown: type[OCIError],
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send with retries; return a streaming 2xx response (the caller closes it)."""
+        attempt = 0
+        while True:
+            request = self._client.build_request(method, path, headers=headers, params=params)
+            delay = _BACKOFF_SECONDS * 2**attempt
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                if attempt >= self.settings.retries:
+                    log.warning(
+                        "upstream %s: %s %s failed: %s", self.name, method, path, type(exc).__name__
+                    )
+                    raise Unavailable(
+                        f"upstream {self.name} is unreachable ({type(exc).__name__})"
+                    ) from exc
+            else:
+                self._note_rate_limit(response)
+                if response.status_code < 300:
+                    return response
+                await response.aclose()
+                if response.status_code not in _RETRY_STATUSES or attempt >= self.settings.retries:
+                    raise self._error(response, unknown)
+                delay = _retry_after(response) or delay
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _note_rate_limit(self, response: httpx.Response) -> None:
+        limit = _rate_value(response.headers.get("ratelimit-limit"))
+        if limit is not None:
+            self.rate_limit.limit = limit
+            self.rate_limit.remaining = _rate_value(response.headers.get("ratelimit-remaining"))
+
+    def _error(self, response: httpx.Response, unknown: type[OCIError]) -> OCIError:
+        status = response.status_code
+        where = f"upstream {self.name} answered {status}"
+        if status == 404:
+            return unknown(f"{unknown.code.lower().replace('_', ' ')} ({where})")
+        if status == 401:
+            return Unauthorized(f"{where}: not authorized")
+        if status == 403:
+            return Denied(f"{where}: access denied")
+        if status == 429:
+            retry_after = response.headers.get("Retry-After")
+            return TooManyRequests(
+                where, headers={"Retry-After": retry_after} if retry_after else {}
+            )
+        return Unavailable(where)
+
+    async def get_manifest(
+        self, repository: str, reference: str | Digest, accept: tuple[str, ...]
+    ) -> FetchedManifest:
+        """GET a manifest, refusing oversized ones and checking its digest."""
+        response = await self._send(
+            "GET",
+            self._path(repository, "manifests", str(reference)),
+            unknown=ManifestUnknown,
+            headers={"Accept": ", ".join(accept)},
+        )
+        try:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+                raise ManifestInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise ManifestInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"upstream {self.name} broke off a manifest") from exc
+        finally:
+            await response.aclose()
+        data = bytes(body)
+        media_type = manifest_media_type(response.headers.get("Content-Type"), data)
+        claimed = response.headers.get("Docker-Content-Digest")
+        expected = reference if isinstance(reference, Digest) else None
+        if expected is None and claimed:
+            expected = parse_digest(claimed)
+        actual = Digest.of(data, expected.algorithm if expected else "sha256")
+        if expected is not None and actual != expected:
+            log.error(
+                "upstream %s: manifest %s@%s has digest %s, expected %s",
+                self.name,
+                repository,
+                reference,
+                actual,
+                expected,
+            )
+            raise DigestInvalid(
+                f"upstream {self.name} sent a manifest that does not match {expected}"
+            )
+        if actual.algorithm != "sha256":
+            actual = Digest.of(data)
+        return FetchedManifest(data, media_type, actual if expected is None else expected)
+
+    async def head_manifest(
+        self, repository: str, reference: str | Digest, accept: tuple[str, ...]
+    ) -> ManifestHead:
+        response = await self._send(
+            "HEAD",
+            self._path(repository, "manifests", str(reference)),
+            unknown=ManifestUnknown,
+            headers={"Accept": ", ".join(accept)},
+        )
+        await response.aclose()
+        claimed = response.headers.get("Docker-Content-Digest")
+        length = response.headers.get("Content-Length")
+        return ManifestHead(
+            digest=parse_digest(claimed) if claimed else None,
+            media_type=response.headers.get("Content-Type"),
+            size=int(length) if length and length.isdigit() else None,
+        )
+
+    async def head_blob(self, repository: str, digest: Digest) -> int | None:
+        response = await self._send(
+            "HEAD", self._path(repository, "blobs", str(digest)), unknown=BlobUnknown
+        )
+        await response.aclose()
+        length = response.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+
+    @asynccontextmanager
+    async def open_blob(self, repository: str, digest: Digest) -> AsyncIterator[BlobResponse]:
+        """Stream a blob; a broken stream raises Unavailable from the iterator."""
+        response = await self._send(
+            "GET", self._path(repository, "blobs", str(digest)), unknown=BlobUnknown
+        )
+        length = response.headers.get("Content-Length")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw(_BLOB_CHUNK):
+                    yield chunk
+            except httpx.HTTPError as exc:
+                raise Unavailable(
+                    f"upstream {self.name} broke off blob {digest}: {type(exc).__name__}"
+                ) from exc
+
+        try:
+            yield BlobResponse(int(length) if length and length.isdigit() else None, chunks())
+        finally:
+            await response.aclose()
+
+    async def get_tags(self, repository: str) -> list[str]:
+        """Every tag of a repository, following the upstream's own pagination."""
+        tags: list[str] = []
+        path: str | None = self._path(repository, "tags", "list")
+        params: dict[str, str] | None = {"n": "1000"}
+        for _ in range(100):  # a bound on pages, so a looping Link cannot hold us forever
+            assert path is not None
+            response = await self._send("GET", path, unknown=NameUnknown, params=params)
+            try:
+                await response.aread()
+                document = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise Unavailable(f"upstream {self.name} sent an unreadable tag list") from exc
+            finally:
+                await response.aclose()
+            page = document.get("tags") if isinstance(document, dict) else None
+            tags.extend(t for t in page or [] if isinstance(t, str))
+            link = response.links.get("next", {}).get("url")
+            if not link:
+                break
+            next_url = self._client.base_url.join(link)
+            if next_url.host != self._client.base_url.host:
+                break  # never follow a Link to another host
+            path, params = next_url.raw_path.decode(), None
+        return tags
+
+    async def get_referrers(
+        self, repository: str, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, str]:
+        params = {"artifactType": artifact_type} if artifact_type else None
+        response = await self._send(
+            "GET",
+            self._path(repository, "referrers", str(digest)),
+            unknown=ManifestUnknown,
+            params=params,
+        )
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"upstream {self.name} broke off a referrers list") from exc
+        finally:
+            await response.aclose()
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise ManifestInvalid("referrers list too large")
+        content_type = response.headers.get(
+            "Content-Type", "application/vnd.oci.image.index.v1+json"
+        )
+        return body, content_type
+
+    async def ping(self) -> int:
+        """GET /v2/ through the auth flow; the status the upstream finally answered."""
+        response = await self._send("GET", "/v2/", unknown=NameUnknown)
+        await response.aclose()
+        return response.status_code

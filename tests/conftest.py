@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from mirror.app import create_app
+from mirror.config import Settings, parse
+from tests.fakes import FakeRegistry
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Clock:
+    """A wall clock the tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def fake() -> FakeRegistry:
+    return FakeRegistry()
+
+
+def make_settings(tmp_path: Path, **upstream: object) -> Settings:
+    entry = {"name": "docker.io", "url": "http://upstream.fake", "retries": 0, **upstream}
+    return parse(
+        {"cache": {"directory": str(tmp_path / "cache")}, "upstreams": [entry]}, environ={}
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, fake: FakeRegistry, clock: Clock
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    async with app_client(app) as http:
+        yield http
+
+
+class app_client:  # noqa: N801 - used like a function
+    """An httpx client on the app in process, closing the app's resources after."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://mirror")
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        return self.http
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        await self.app.state.cache.aclose()
+        self.app.state.cache.store.close()
+
+
+class live_server:  # noqa: N801 - used like a function
+    """The app served by a real uvicorn on 127.0.0.1:<free port>, in the test's event loop.
+
+    In-process transports buffer whole bodies; streaming, aborts and overlapping
+    requests need real connections.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> live_server:
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.005)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        assert self._task is not None
+        await self._task
+        self.socket.close()
+
+
+@pytest.fixture
+async def live(
+    settings: Settings, fake: FakeRegistry, clock: Clock
+) -> AsyncIterator[live_server]:
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    async with live_server(app) as server:
+        yield server

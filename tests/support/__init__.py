@@ -1,0 +1,1 @@
+"""Support code for the end-to-end tests: real upstream registries, token server, images, skopeo."""

@@ -148,7 +148,7 @@ def create_app(
     """The mirror as an ASGI app. Tests pass a transport that reaches a fake upstream."""
     clock: dict[str, Any] = {"now": now} if now else {}
     store = Store(settings.cache.directory, settings.cache.max_size, **clock)
-    upstreams = [Upstream(u, upstream_transport) for u in settings.upstreams]
+    upstreams = [Upstream(u, upstream_transport, **clock) for u in settings.upstreams]
     cache = PullThroughCache(store, upstreams, offline=settings.cache.offline, **clock)
 
     def route(request: Request) -> tuple[Upstream, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +47,8 @@ class UpstreamSettings:
     connect_timeout: float = 10.0  # seconds
     read_timeout: float = 60.0  # seconds without a byte from the upstream
     retries: int = 3  # extra attempts on connection errors, 5xx and 429
+    breaker_failures: int = 3  # failed requests in a row that mark the upstream down
+    breaker_cooldown: float = 30.0  # seconds a down upstream is left alone before a probe
     tls_verify: bool | str = True  # True, False (said explicitly) or a CA bundle path
 
     @property
@@ -165,17 +167,10 @@ def _check_keys(table: Mapping[str, object], allowed: set[str], prefix: str) -> 
             )
 
 
-_UPSTREAM_KEYS = {
-    "name",
-    "url",
+# The file names credentials by environment variable and a CA bundle by path.
+_UPSTREAM_KEYS = {f.name for f in fields(UpstreamSettings)} - {"username", "password"} | {
     "username_env",
     "password_env",
-    "tag_ttl",
-    "negative_ttl",
-    "connect_timeout",
-    "read_timeout",
-    "retries",
-    "tls_verify",
     "ca_bundle",
 }
 
@@ -224,6 +219,14 @@ def _upstream(raw: Mapping[str, Any], key: str, environ: Mapping[str, str]) -> U
             raw.get("read_timeout", defaults.read_timeout), f"{key}.read_timeout"
         ),
         retries=_int(raw.get("retries", defaults.retries), f"{key}.retries", minimum=0, maximum=10),
+        breaker_failures=_int(
+            raw.get("breaker_failures", defaults.breaker_failures),
+            f"{key}.breaker_failures",
+            minimum=1,
+        ),
+        breaker_cooldown=parse_duration(
+            raw.get("breaker_cooldown", defaults.breaker_cooldown), f"{key}.breaker_cooldown"
+        ),
         tls_verify=tls_verify,
     )
 

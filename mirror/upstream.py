@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 
 from .auth import RegistryAuth
+from .breaker import CircuitBreaker
 from .config import UpstreamSettings
 from .errors import (
     BlobUnknown,
@@ -103,6 +104,7 @@ class Upstream:
         self.settings = settings
         self.name = settings.name
         self.rate_limit = RateLimit()
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown, now)
         timeout = httpx.Timeout(
             connect=settings.connect_timeout,
             read=settings.read_timeout,
@@ -145,14 +147,22 @@ class Upstream:
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """Send with retries; return a streaming 2xx response (the caller closes it)."""
+        if not self.breaker.allow():
+            raise Unavailable(
+                f"upstream {self.name} is down (circuit open after repeated failures)"
+            )
         attempt = 0
         while True:
             request = self._client.build_request(method, path, headers=headers, params=params)
             delay = _BACKOFF_SECONDS * 2**attempt
             try:
                 response = await self._client.send(request, stream=True)
+            except OCIError:
+                self.breaker.failed()  # the token service failed
+                raise
             except httpx.HTTPError as exc:
                 if attempt >= self.settings.retries:
+                    self.breaker.failed()
                     log.warning(
                         "upstream %s: %s %s failed: %s", self.name, method, path, type(exc).__name__
                     )
@@ -162,9 +172,15 @@ class Upstream:
             else:
                 self._note_rate_limit(response)
                 if response.status_code < 300:
+                    self.breaker.succeeded()
                     return response
                 await response.aclose()
-                if response.status_code not in _RETRY_STATUSES or attempt >= self.settings.retries:
+                retryable = response.status_code in _RETRY_STATUSES
+                if not retryable or attempt >= self.settings.retries:
+                    if retryable:
+                        self.breaker.failed()
+                    else:
+                        self.breaker.succeeded()  # it answered: it is up
                     raise self._error(response, unknown)
                 delay = _retry_after(response) or delay
             attempt += 1

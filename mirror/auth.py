@@ -100,7 +100,6 @@ class RegistryAuth(httpx.Auth):
         retry = await self._authorization(challenge.scope or scope, rejected=sent)
         if retry is None or retry == sent:
             return
-        await response.aclose()
         request.headers["Authorization"] = retry
         yield request
 

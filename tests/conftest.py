@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,9 @@ from starlette.applications import Starlette
 from mirror.app import create_app
 from mirror.config import Settings, parse
 from tests.fakes import FakeRegistry
+from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
+from tests.support.mirror import MirrorProcess
+from tests.support.registry import UpstreamRegistry
 
 
 @pytest.fixture
@@ -110,9 +115,38 @@ class live_server:  # noqa: N801 - used like a function
 
 
 @pytest.fixture
-async def live(
-    settings: Settings, fake: FakeRegistry, clock: Clock
-) -> AsyncIterator[live_server]:
+async def live(settings: Settings, fake: FakeRegistry, clock: Clock) -> AsyncIterator[live_server]:
     app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
     async with live_server(app) as server:
         yield server
+
+
+@dataclass
+class SeededUpstream:
+    """A token-auth docker-registry holding the images the end-to-end tests pull."""
+
+    registry: UpstreamRegistry
+    single: ImageInfo  # library/test:1, OCI
+    docker: ImageInfo  # library/v2:1, Docker schema 2
+    multi: IndexInfo  # library/multi:1, OCI index of two platforms
+    large: ImageInfo  # library/large:1, one 256 MiB layer
+
+    def mirror(self, **options: Any) -> MirrorProcess:
+        upstream = {"name": "docker.io", "url": self.registry.url, "retries": 1}
+        upstream.update(options.pop("upstream", {}))
+        return MirrorProcess([upstream], **options)
+
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededUpstream]:
+    layouts = tmp_path_factory.mktemp("layouts")
+    with UpstreamRegistry(auth="token") as registry:
+        single = write_image(layouts / "single", "1", [4096, 300_000], seed=1)
+        docker = write_image(layouts / "docker", "1", [2048, 100_000], seed=2)
+        multi = write_index(layouts / "multi", "1", layers=(1024, 50_000), seed=3)
+        large = write_image(layouts / "large", "1", [256 * 1024 * 1024], seed=4)
+        registry.push_image(single, "library/test:1")
+        registry.push_image(docker, "library/v2:1", fmt="v2s2")
+        registry.push_image(multi, "library/multi:1")
+        registry.push_image(large, "library/large:1")
+        yield SeededUpstream(registry, single, docker, multi, large)

@@ -106,9 +106,7 @@ async def test_unknown_blob_is_blob_unknown(client: httpx.AsyncClient) -> None:
     assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
-async def test_tags_list_paginates_with_link(
-    client: httpx.AsyncClient, fake: FakeRegistry
-) -> None:
+async def test_tags_list_paginates_with_link(client: httpx.AsyncClient, fake: FakeRegistry) -> None:
     for tag in ("a", "b", "c"):
         fake.add_image("library/t", tag, [tag.encode()])
     first = await client.get("/v2/library/t/tags/list?n=2")

@@ -191,7 +191,9 @@ async def test_bearer_token_is_fetched_once_per_scope(
     fake.token_auth = True
     fake.add_image("library/a", "1", [b"x"])
     fake.add_image("library/a", "2", [b"y"])
-    app = create_app(make_settings(tmp_path), upstream_transport=httpx.MockTransport(fake), now=clock)
+    app = create_app(
+        make_settings(tmp_path), upstream_transport=httpx.MockTransport(fake), now=clock
+    )
     async with app_client(app) as client:
         for tag in ("1", "2"):
             response = await client.get(f"/v2/library/a/manifests/{tag}", headers={"Accept": ALL})

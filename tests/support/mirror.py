@@ -1,0 +1,161 @@
+"""``mirror serve`` as a real subprocess, on a free port, with a generated config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.support.ports import free_port, wait_http_ok
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    cache_dir: Path,
+    upstreams: list[dict[str, Any]],
+    workers: int = 1,
+    **cache: Any,
+) -> None:
+    lines = [
+        "[server]",
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        f"workers = {workers}",
+        'log_level = "info"',
+        "[cache]",
+        f"directory = {_toml_value(cache_dir)}",
+    ]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in cache.items()]
+    for upstream in upstreams:
+        lines.append("[[upstreams]]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in upstream.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class MirrorProcess:
+    """Starts ``python -m mirror serve``; stops it (gracefully or with kill -9)."""
+
+    def __init__(
+        self,
+        upstreams: list[dict[str, Any]],
+        *,
+        cache_dir: Path | None = None,
+        workers: int = 1,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        **cache: Any,
+    ) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mirror-"))
+        self.cache_dir = cache_dir or self.workdir / "cache"
+        self.port = free_port()
+        self.config_path = self.workdir / "config.toml"
+        write_config(
+            self.config_path,
+            port=self.port,
+            cache_dir=self.cache_dir,
+            upstreams=upstreams,
+            workers=workers,
+            **cache,
+        )
+        self.log_path = self.workdir / "mirror.log"
+        self.extra_args = extra_args
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def ref(self, repo_ref: str) -> str:
+        return f"docker://{self.host}/{repo_ref}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self) -> MirrorProcess:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        environ.update(self.env)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mirror",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environ,
+                start_new_session=True,
+            )
+        wait_http_ok(
+            f"{self.url}/v2/",
+            timeout=30,
+            process=self.process,
+            stderr_path=self.log_path,
+            name="mirror",
+        )
+        return self
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        if process.poll() is None:
+            # The whole group: with --workers, uvicorn's children go too.
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def pids(self) -> list[int]:
+        """The server process and its worker children."""
+        if self.process is None:
+            return []
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        return pids
+
+    def __enter__(self) -> MirrorProcess:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {pid}")

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import shutil
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -27,7 +30,15 @@ from .locks import FileLock, lock_is_held, read_note
 from .reference import Digest
 from .upstream import BlobResponse
 
-__all__ = ["FOREIGN_POLL_SECONDS", "Fill", "ForeignFill", "Progress", "follow"]
+__all__ = [
+    "FOREIGN_POLL_SECONDS",
+    "DiskFull",
+    "Fill",
+    "ForeignFill",
+    "Progress",
+    "report_disk_failure",
+    "follow",
+]
 
 log = logging.getLogger("mirror.fill")
 
@@ -53,6 +64,10 @@ class Progress:
         raise NotImplementedError
 
 
+class DiskFull(Unavailable):
+    """The cache's disk is full: readers take the rest of the blob from the upstream."""
+
+
 class Fill(Progress):
     """A download this process runs, as the holder of the digest's lock."""
 
@@ -63,6 +78,9 @@ class Fill(Progress):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a leftover of a dead fill; its readers keep their own inode
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Readers duplicate this descriptor rather than open the path, which the
+        # adoption into the cache renames at a moment of its own.
+        self._read_fd = os.open(path, os.O_RDONLY)
         self._hasher = digest.hasher()
         self._written = 0
         self._readable = 0
@@ -70,6 +88,10 @@ class Fill(Progress):
         self._error: OCIError | None = None
         self._changed = asyncio.Event()
         self.ready = asyncio.Event()  # set once the size is known, or the fill failed
+
+    def open_reader(self) -> int:
+        """A descriptor on the fill's bytes for one reader, who closes it."""
+        return os.dup(self._read_fd)
 
     def readable(self) -> int:
         return self._readable
@@ -102,6 +124,8 @@ class Fill(Progress):
             async with source() as response:
                 self.size = response.size
                 self._lock.write_note(str(response.size if response.size is not None else ""))
+                if response.size is not None:
+                    _check_space(self.path.parent, response.size)
                 self.ready.set()
                 async for chunk in response.chunks:
                     # Hashing and writing release the GIL: keep them off the event loop.
@@ -112,23 +136,35 @@ class Fill(Progress):
             self._verify()
             os.close(self._fd)
             self._fd = -1
-            await adopt(self.path)
+            # Verified: every reader may have every byte, whether or not it gets cached.
             self._readable = self._written
             self._done = True
+            self._notify()
+            try:
+                await adopt(self.path)
+            except (OSError, sqlite3.Error) as exc:
+                report_disk_failure(exc, f"blob {self.digest}")  # served, just not cached
+            else:
+                _disk_full.logged = False
         except OCIError as exc:
             self._error = exc
         except OSError as exc:
-            log.error("fill of %s failed on disk: %s", self.digest, exc)
-            self._error = Unavailable(f"could not store blob {self.digest}: {exc.strerror}")
+            full = report_disk_failure(exc, f"blob {self.digest}")
+            what = f"blob {self.digest}"
+            self._error = (
+                DiskFull(f"no room to cache {what}")
+                if full
+                else Unavailable(f"could not store {what}: {exc.strerror}")
+            )
         except BaseException:
             self._error = Unavailable(f"fill of {self.digest} was interrupted")
             raise
         finally:
             if self._fd >= 0:
                 os.close(self._fd)
-            if not self._done:
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
+            os.close(self._read_fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # gone already when adopted
             self._lock.release(remove=True)
             self.ready.set()
             self._notify()
@@ -144,6 +180,35 @@ class Fill(Progress):
                 "digest mismatch: upstream sent %s for blob %s; not cached", actual, self.digest
             )
             raise Unavailable(f"upstream sent wrong content for blob {self.digest}")
+
+
+# Room left free on the cache's disk, beyond the blob being filled.
+_DISK_RESERVE = 64 * 1024 * 1024
+
+
+class _DiskFullNotice:
+    logged = False  # a full disk is logged once, until something is cached again
+
+
+_disk_full = _DiskFullNotice()
+
+
+def _check_space(directory: Path, size: int) -> None:
+    if shutil.disk_usage(directory).free < size + _DISK_RESERVE:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def report_disk_failure(exc: BaseException, what: str) -> bool:
+    """Log a failed cache write; True when the disk is full (logged once, not per blob)."""
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        "full" in str(exc)  # SQLite's "database or disk is full"
+    )
+    if not full:
+        log.error("could not store %s: %s", what, exc)
+    elif not _disk_full.logged:
+        _disk_full.logged = True
+        log.error("cache disk is full: passing content through without caching (%s)", what)
+    return full
 
 
 class ForeignFill(Progress):

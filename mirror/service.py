@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -30,12 +32,12 @@ from .errors import (
     TooManyRequests,
     Unavailable,
 )
-from .fill import Fill, ForeignFill, Progress, follow
+from .fill import DiskFull, Fill, ForeignFill, Progress, follow, report_disk_failure
 from .locks import FileLock
 from .reference import Digest, parse_repository
 from .singleflight import SingleFlight
 from .store import Store
-from .upstream import FetchedManifest, Upstream
+from .upstream import BlobResponse, FetchedManifest, Upstream
 
 __all__ = ["Blob", "Manifest", "PullThroughCache"]
 
@@ -94,22 +96,74 @@ class _CachedBlob(Blob):
         self._handle.close()
 
 
+BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]
+
+
 class _FollowedBlob(Blob):
-    def __init__(self, progress: Progress, result: str) -> None:
+    """A blob read from a fill as it grows; on a full disk, the rest comes from upstream."""
+
+    def __init__(self, progress: Progress, fd: int, result: str, resume: BlobSource) -> None:
         super().__init__(progress.size, result)
         self._progress = progress
-        # Opened now, before the fill can finish and rename the file away.
-        self._fd: int | None = os.open(progress.path, os.O_RDONLY)
+        self._fd: int | None = fd
+        self._resume = resume
 
-    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         assert self._fd is not None
         fd, self._fd = self._fd, None
-        return follow(self._progress, fd, start, end)
+        position = start
+        try:
+            async for data in follow(self._progress, fd, start, end):
+                position += len(data)
+                yield data
+        except DiskFull:
+            async with self._resume(position) as response:
+                async for data in response.chunks:
+                    if end is not None and position + len(data) > end:
+                        data = data[: end - position]
+                    position += len(data)
+                    yield data
+                    if end is not None and position >= end:
+                        break
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class _PassedThroughBlob(Blob):
+    """A blob streamed from the upstream without caching: the disk had no room."""
+
+    def __init__(self, source: BlobSource) -> None:
+        super().__init__(None, "miss")
+        self._source = source
+        self._stack = AsyncExitStack()
+        self._response: BlobResponse | None = None
+
+    async def open(self) -> _PassedThroughBlob:
+        self._response = await self._stack.enter_async_context(self._source(0))
+        self.size = self._response.size
+        return self
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self._response is not None
+        position = 0
+        try:
+            async for data in self._response.chunks:
+                low, high = max(start - position, 0), len(data)
+                if end is not None:
+                    high = min(high, end - position)
+                position += len(data)
+                if low < high:
+                    yield data[low:high]
+                if end is not None and position >= end:
+                    break
+        finally:
+            await self._stack.aclose()
+
+    def close(self) -> None:
+        pass  # nothing is opened before chunks() or open(); the stack closes itself
 
 
 class PullThroughCache:
@@ -252,9 +306,12 @@ class PullThroughCache:
     ) -> tuple[FetchedManifest, bool]:
         async def fetch() -> FetchedManifest:
             fetched = await upstream.get_manifest(repository, reference, accept)
-            await self._disk(
-                self._remember_manifest, upstream, repository, reference, accept, fetched
-            )
+            try:
+                await self._disk(
+                    self._remember_manifest, upstream, repository, reference, accept, fetched
+                )
+            except (OSError, sqlite3.Error) as exc:
+                report_disk_failure(exc, f"manifest {fetched.digest}")  # served, not cached
             return fetched
 
         key = (upstream.name, repository, str(reference), accept)
@@ -282,18 +339,27 @@ class PullThroughCache:
         handle = await self._disk(self.store.open_blob, digest)
         if handle is not None:
             return _CachedBlob(handle)
+
+        def source(start: int) -> AbstractAsyncContextManager[BlobResponse]:
+            return upstream.open_blob(repository, digest, start)
+
         fill = self._fills.get(digest)
         if fill is not None:
-            return await self._join(fill, "coalesced")
+            return await self._join(fill, "coalesced", source)
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         lock = FileLock(self.store.lock_path(digest))
         if not lock.try_acquire():
-            return self._follow_foreign(digest)
+            return await self._follow_foreign(digest, source)
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
             return await self.get_blob(upstream, repository, digest)
-        fill = Fill(digest, self.store.temp_path(digest), lock)
+        try:
+            fill = Fill(digest, self.store.temp_path(digest), lock)
+        except OSError as exc:
+            lock.release(remove=True)
+            report_disk_failure(exc, f"blob {digest}")
+            return await _PassedThroughBlob(source).open()
         self._fills[digest] = fill
 
         async def adopt(path: Path) -> None:
@@ -301,7 +367,7 @@ class PullThroughCache:
 
         async def run() -> None:
             try:
-                await fill.run(lambda: upstream.open_blob(repository, digest), adopt)
+                await fill.run(lambda: source(0), adopt)
             finally:
                 self._fills.pop(digest, None)
 
@@ -309,24 +375,38 @@ class PullThroughCache:
         task = asyncio.ensure_future(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return await self._join(fill, "miss")
+        return await self._join(fill, "miss", source)
 
-    async def _join(self, fill: Fill, result: str) -> Blob:
-        await fill.ready.wait()
-        fill.outcome()  # raises if the fill failed before its first byte
-        return _FollowedBlob(fill, result)
+    async def _join(self, fill: Fill, result: str, source: BlobSource) -> Blob:
+        fd = fill.open_reader()  # before any await: the fill may end meanwhile
+        try:
+            await fill.ready.wait()
+            fill.outcome()  # raises if the fill failed before its first byte
+        except DiskFull:
+            os.close(fd)
+            return await _PassedThroughBlob(source).open()
+        except BaseException:
+            os.close(fd)
+            raise
+        return _FollowedBlob(fill, fd, result, source)
 
-    def _follow_foreign(self, digest: Digest) -> Blob:
+    async def _follow_foreign(self, digest: Digest, source: BlobSource) -> Blob:
         progress = ForeignFill(
             self.store.temp_path(digest),
             self.store.lock_path(digest),
             lambda: self.store.has_blob(digest),
         )
         try:
-            return _FollowedBlob(progress, "coalesced")
+            fd = os.open(progress.path, os.O_RDONLY)
         except FileNotFoundError:
             # The other worker finished (or failed) between our lock attempt and now.
-            raise Unavailable(f"blob {digest} is being filled by another worker; retry") from None
+            handle = await self._disk(self.store.open_blob, digest)
+            if handle is None:
+                raise Unavailable(
+                    f"blob {digest} is being filled by another worker; retry"
+                ) from None
+            return _CachedBlob(handle)
+        return _FollowedBlob(progress, fd, "coalesced", source)
 
     async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """A blob's size, without downloading it."""

@@ -281,24 +281,38 @@ class Upstream:
         return int(length) if length and length.isdigit() else None
 
     @asynccontextmanager
-    async def open_blob(self, repository: str, digest: Digest) -> AsyncIterator[BlobResponse]:
-        """Stream a blob; a broken stream raises Unavailable from the iterator."""
+    async def open_blob(
+        self, repository: str, digest: Digest, start: int = 0
+    ) -> AsyncIterator[BlobResponse]:
+        """Stream a blob from byte ``start``; a broken stream raises Unavailable."""
+        headers = {"Range": f"bytes={start}-"} if start else None
         response = await self._send(
-            "GET", self._path(repository, "blobs", str(digest)), unknown=BlobUnknown
+            "GET",
+            self._path(repository, "blobs", str(digest)),
+            unknown=BlobUnknown,
+            headers=headers,
         )
         length = response.headers.get("Content-Length")
+        # An upstream that ignores Range sends it all: skip what the reader has.
+        skip = start if start and response.status_code == 200 else 0
 
         async def chunks() -> AsyncIterator[bytes]:
+            to_skip = skip
             try:
                 async for chunk in response.aiter_raw(_BLOB_CHUNK):
+                    if to_skip:
+                        chunk, to_skip = chunk[to_skip:], max(to_skip - len(chunk), 0)
+                        if not chunk:
+                            continue
                     yield chunk
             except httpx.HTTPError as exc:
                 raise Unavailable(
                     f"upstream {self.name} broke off blob {digest}: {type(exc).__name__}"
                 ) from exc
 
+        size = int(length) - skip if length and length.isdigit() else None
         try:
-            yield BlobResponse(int(length) if length and length.isdigit() else None, chunks())
+            yield BlobResponse(size, chunks())
         finally:
             await response.aclose()
 

@@ -77,6 +77,8 @@ class MirrorProcess:
         self.extra_args = extra_args
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
+        # A command line the server is started through (e.g. a namespace of its own).
+        self.wrapper: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -98,6 +100,7 @@ class MirrorProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
+                    *self.wrapper,
                     sys.executable,
                     "-m",
                     "mirror",

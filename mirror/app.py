@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .access import AccessLog
 from .config import Settings
 from .errors import (
     NameUnknown,
@@ -30,6 +32,7 @@ from .errors import (
     Unsupported,
 )
 from .manifest import accepted_types
+from .metrics import CONTENT_TYPE, Metrics
 from .reference import Digest, parse_digest, parse_reference
 from .service import Blob, Manifest, PullThroughCache
 from .store import Store
@@ -148,11 +151,20 @@ def create_app(
     """The mirror as an ASGI app. Tests pass a transport that reaches a fake upstream."""
     clock: dict[str, Any] = {"now": now} if now else {}
     store = Store(settings.cache.directory, settings.cache.max_size, **clock)
-    upstreams = [Upstream(u, upstream_transport, **clock) for u in settings.upstreams]
-    cache = PullThroughCache(store, upstreams, offline=settings.cache.offline, **clock)
+    metrics = Metrics(store.facts)
+    upstreams = [
+        Upstream(u, upstream_transport, metrics=metrics, **clock) for u in settings.upstreams
+    ]
+    cache = PullThroughCache(
+        store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock
+    )
 
     def route(request: Request) -> tuple[Upstream, str]:
-        return cache.route(request.path_params["name"], request.query_params.get("ns"))
+        upstream, repository = cache.route(
+            request.path_params["name"], request.query_params.get("ns")
+        )
+        request.state.upstream = upstream.name
+        return upstream, repository
 
     async def api_root(request: Request) -> Response:
         _read_only(request)
@@ -164,6 +176,7 @@ def create_app(
         reference = parse_reference(request.path_params["reference"])
         accept = accepted_types(request.headers.getlist("accept"))
         found = await cache.get_manifest(upstream, repository, reference, accept)
+        request.state.cache_result = found.result
         return _manifest_response(found, request.method)
 
     async def blob(request: Request) -> Response:
@@ -174,6 +187,7 @@ def create_app(
             size = await cache.head_blob(upstream, repository, digest)
             return Response(headers=_blob_headers(digest, size))
         found = await cache.get_blob(upstream, repository, digest)
+        request.state.cache_result = found.result
         return _blob_response(found, digest, request.headers.get("range"))
 
     async def tags(request: Request) -> Response:
@@ -208,6 +222,18 @@ def create_app(
         _read_only(request)
         raise NameUnknown(f"no such endpoint {request.url.path[:200]!r}")
 
+    async def metrics_endpoint(request: Request) -> Response:
+        body = await anyio.to_thread.run_sync(metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(request: Request) -> Response:
+        if await anyio.to_thread.run_sync(store.writable):
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse("cache directory not writable or index unreadable\n", 503)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.clean_temp()
@@ -227,7 +253,11 @@ def create_app(
         Route("/v2/{name:path}/tags/list", tags, methods=every),
         Route("/v2/{name:path}/referrers/{digest}", referrers, methods=every),
         Route("/v2/{rest:path}", unknown, methods=every),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
     ]
+    if settings.server.metrics_address is None:
+        routes.append(Route("/metrics", metrics_endpoint))
     app = Starlette(
         routes=routes,
         exception_handlers={OCIError: _oci_error, Exception: _internal_error},
@@ -235,6 +265,7 @@ def create_app(
     )
     app.state.cache = cache
     app.add_middleware(_APIVersionHeader)
+    app.add_middleware(AccessLog, metrics=metrics)
     return app
 
 

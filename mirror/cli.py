@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, Settings, load
+from .logs import configure_logging
 
 __all__ = ["main"]
 
@@ -39,11 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("cache.directory", reason) from exc
     if not os.access(settings.cache.directory, os.W_OK):
         raise ConfigError("cache.directory", f"{settings.cache.directory} is not writable")
+    configure_logging(settings.server.log_level, settings.server.log_format)
     # Worker processes rebuild the app from the same file and environment, so the
     # flags that matter to the app travel as the environment overrides they equal.
     os.environ["MIRROR_CONFIG"] = str(Path(args.config).resolve())
     if settings.cache.offline:
         os.environ["MIRROR_CACHE_OFFLINE"] = "true"
+    _prepare_multiprocess_metrics(settings)
     uvicorn.run(
         "mirror.cli:app_from_environment",
         factory=True,
@@ -51,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.server.port,
         workers=settings.server.workers,
         log_level=settings.server.log_level,
+        log_config=None,  # ours, set in each worker by the app factory
+        access_log=False,  # mirror.access logs each request with its cache result
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=5,
@@ -58,11 +64,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_multiprocess_metrics(settings: Settings) -> None:
+    """Every worker counts into files that a scrape adds up (prometheus-client's
+    multiprocess mode); they start empty with each server."""
+    directory = settings.cache.directory / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    # Read by prometheus-client when it is first imported, which is after this.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    if settings.server.metrics_address:
+        from prometheus_client import start_http_server
+
+        from .metrics import Metrics
+        from .store import Store
+
+        host, _, port = settings.server.metrics_address.rpartition(":")
+        store = Store(settings.cache.directory, settings.cache.max_size)
+        start_http_server(int(port), host, registry=Metrics(store.facts).scrape_registry())
+
+
 def app_from_environment() -> object:
     """The app factory uvicorn calls in each worker."""
     from .app import create_app
 
-    return create_app(load(Path(os.environ["MIRROR_CONFIG"]), os.environ))
+    settings = load(Path(os.environ["MIRROR_CONFIG"]), os.environ)
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    return create_app(settings)
 
 
 def _parser() -> argparse.ArgumentParser:

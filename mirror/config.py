@@ -8,6 +8,7 @@ input raises ``ConfigError`` naming the key and the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -70,6 +71,8 @@ class ServerSettings:
     port: int = 5000
     workers: int = 1
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object per line
+    metrics_address: str | None = None  # "host:port" to serve /metrics apart from the API
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     _check_keys(data, {"server", "cache", "upstreams"}, "")
 
     server_raw = _table(data.get("server", {}), "server")
-    _check_keys(server_raw, {"host", "port", "workers", "log_level"}, "server.")
+    _check_keys(server_raw, {f.name for f in fields(ServerSettings)}, "server.")
     server = ServerSettings(
         host=_str(server_raw.get("host", ServerSettings.host), "server.host"),
         port=_int(
@@ -268,6 +271,17 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         ),
         log_level=_str(server_raw.get("log_level", ServerSettings.log_level), "server.log_level"),
     )
+    log_format = server_raw.get("log_format", ServerSettings.log_format)
+    if log_format not in ("text", "json"):
+        raise ConfigError("server.log_format", f'expected "text" or "json", got {log_format!r}')
+    metrics_address = server_raw.get("metrics_address") or None
+    if metrics_address is not None:
+        host, _, port = _str(metrics_address, "server.metrics_address").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                "server.metrics_address", f"expected host:port, got {metrics_address!r}"
+            )
+    server = dataclasses.replace(server, log_format=log_format, metrics_address=metrics_address)
     if server.log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(
             "server.log_level", "expected one of critical, error, warning, info, debug"

@@ -10,8 +10,9 @@ error JSON.
     ├── ManifestInvalid (400)    ├── Unsupported (405)
     ├── RangeNotSatisfiable(416) ├── TooManyRequests (429)
     ├── BlobUnknown (404)        └── Unavailable (503)
-    ├── ManifestUnknown (404)
-    └── NameUnknown (404)
+    ├── ManifestUnknown (404)        └── DigestMismatch
+    ├── NameUnknown (404)
+    └── PaginationInvalid (400)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "BlobUnknown",
     "Denied",
     "DigestInvalid",
+    "DigestMismatch",
     "ManifestInvalid",
     "ManifestUnknown",
     "NameInvalid",
@@ -101,3 +103,7 @@ class Unavailable(OCIError):
 
 class PaginationInvalid(OCIError):
     code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
+class DigestMismatch(Unavailable):
+    """The upstream sent content that does not hash to its digest; nothing was cached."""

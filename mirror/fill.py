@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from .errors import OCIError, Unavailable
+from .errors import DigestMismatch, OCIError, Unavailable
 from .locks import FileLock, lock_is_held, read_note
 from .reference import Digest
 from .upstream import BlobResponse
@@ -88,6 +88,10 @@ class Fill(Progress):
         self._error: OCIError | None = None
         self._changed = asyncio.Event()
         self.ready = asyncio.Event()  # set once the size is known, or the fill failed
+
+    @property
+    def error(self) -> OCIError | None:
+        return self._error
 
     def open_reader(self) -> int:
         """A descriptor on the fill's bytes for one reader, who closes it."""
@@ -179,7 +183,7 @@ class Fill(Progress):
             log.error(
                 "digest mismatch: upstream sent %s for blob %s; not cached", actual, self.digest
             )
-            raise Unavailable(f"upstream sent wrong content for blob {self.digest}")
+            raise DigestMismatch(f"upstream sent wrong content for blob {self.digest}")
 
 
 # Room left free on the cache's disk, beyond the blob being filled.

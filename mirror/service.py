@@ -26,6 +26,7 @@ import anyio
 
 from .errors import (
     BlobUnknown,
+    DigestMismatch,
     ManifestUnknown,
     NameUnknown,
     OCIError,
@@ -34,6 +35,7 @@ from .errors import (
 )
 from .fill import DiskFull, Fill, ForeignFill, Progress, follow, report_disk_failure
 from .locks import FileLock
+from .metrics import Metrics
 from .reference import Digest, parse_repository
 from .singleflight import SingleFlight
 from .store import Store
@@ -174,10 +176,12 @@ class PullThroughCache:
         store: Store,
         upstreams: list[Upstream],
         *,
+        metrics: Metrics,
         offline: bool = False,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.upstreams: Mapping[str, Upstream] = {u.name: u for u in upstreams}
         self.default_upstream = upstreams[0]
         self.offline = offline
@@ -237,6 +241,7 @@ class PullThroughCache:
             manifest = await self._manifest_by_digest(upstream, repository, reference, accept)
         else:
             manifest = await self._manifest_by_tag(upstream, repository, reference, accept)
+        self.metrics.cache_results.labels("manifest", manifest.result).inc()
         if manifest.media_type not in accept:
             raise ManifestUnknown(
                 f"manifest {reference} is {manifest.media_type}, which the client does not accept",
@@ -271,6 +276,7 @@ class PullThroughCache:
             raise self._offline_error(ManifestUnknown, f"manifest {repository}:{tag}")
         missing_key = f"{upstream.name}/{repository}:{tag}|{','.join(accept)}"
         if await self._disk(self.store.is_missing, missing_key):
+            self.metrics.cache_results.labels("manifest", "negative_hit").inc()
             raise ManifestUnknown(f"manifest {repository}:{tag} is unknown upstream (remembered)")
         try:
             if record is not None and cached is not None:
@@ -305,7 +311,11 @@ class PullThroughCache:
         self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]
     ) -> tuple[FetchedManifest, bool]:
         async def fetch() -> FetchedManifest:
-            fetched = await upstream.get_manifest(repository, reference, accept)
+            try:
+                fetched = await upstream.get_manifest(repository, reference, accept)
+            except DigestMismatch:
+                self.metrics.digest_mismatches.labels("manifest").inc()
+                raise
             try:
                 await self._disk(
                     self._remember_manifest, upstream, repository, reference, accept, fetched
@@ -325,17 +335,27 @@ class PullThroughCache:
         accept: tuple[str, ...],
         fetched: FetchedManifest,
     ) -> None:
-        self.store.put_manifest(fetched.digest, fetched.media_type, fetched.body)
+        self._evicted(self.store.put_manifest(fetched.digest, fetched.media_type, fetched.body))
         if not isinstance(reference, Digest):
             self.store.put_tag(
                 upstream.name, repository, reference, accept, fetched.digest, fetched.media_type
             )
         self.store.add_repository(self._catalog_name(upstream, repository))
 
+    def _evicted(self, count: int) -> None:
+        if count:
+            self.metrics.evictions.inc(count)
+            log.info("evicted %d least recently used entries to stay under max_size", count)
+
     # blobs
 
     async def get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         """The blob's bytes: from disk, or streamed from the one fill of this digest."""
+        blob = await self._get_blob(upstream, repository, digest)
+        self.metrics.cache_results.labels("blob", blob.result).inc()
+        return blob
+
+    async def _get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         handle = await self._disk(self.store.open_blob, digest)
         if handle is not None:
             return _CachedBlob(handle)
@@ -353,7 +373,7 @@ class PullThroughCache:
             return await self._follow_foreign(digest, source)
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
-            return await self.get_blob(upstream, repository, digest)
+            return await self._get_blob(upstream, repository, digest)
         try:
             fill = Fill(digest, self.store.temp_path(digest), lock)
         except OSError as exc:
@@ -363,13 +383,17 @@ class PullThroughCache:
         self._fills[digest] = fill
 
         async def adopt(path: Path) -> None:
-            await self._disk(self.store.adopt_blob, path, digest)
+            self._evicted(await self._disk(self.store.adopt_blob, path, digest))
 
         async def run() -> None:
+            self.metrics.fills_in_flight.inc()
             try:
                 await fill.run(lambda: source(0), adopt)
             finally:
                 self._fills.pop(digest, None)
+                self.metrics.fills_in_flight.dec()
+            if isinstance(fill.error, DigestMismatch):
+                self.metrics.digest_mismatches.labels("blob").inc()
 
         # The fill is nobody's request: keep a reference so it runs to its end.
         task = asyncio.ensure_future(run())

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +71,32 @@ class _BlobDisk(diskcache.Disk):  # type: ignore[misc]
         return size, diskcache.core.MODE_BINARY, filename, None
 
 
+class _Index(diskcache.Cache):  # type: ignore[misc]
+    """diskcache, culling one entry at a time.
+
+    ``Cache.cull`` removes ten least-recently-used entries per step, which for a
+    cache of large blobs can throw away far more than the room needed, up to the
+    blob just added. This keeps diskcache's own policy query, size accounting and
+    file cleanup, and only takes the entries one by one.
+    """
+
+    def cull_to_limit(self) -> int:
+        count = int(self.expire())
+        select = diskcache.core.EVICTION_POLICY[self.eviction_policy]["cull"]
+        if select is None:
+            return count
+        while self.volume() > self.size_limit:
+            with self._transact(retry=True) as (sql, cleanup):
+                rows = sql(select.format(fields="rowid, filename"), (1,)).fetchall()
+                if not rows:
+                    break
+                ((rowid, filename),) = rows
+                sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+                cleanup(filename)
+                count += 1
+        return count
+
+
 def _blob_key(digest: Digest) -> str:
     return f"blob:{digest}"
 
@@ -93,12 +121,14 @@ class Store:
         for path in (directory, self.tmp_dir, self.lock_dir):
             path.mkdir(parents=True, exist_ok=True)
         self._now = now
-        self._index = diskcache.Cache(
+        self._index = _Index(
             str(directory),
             disk=_BlobDisk,
             size_limit=max_size,
             eviction_policy="least-recently-used",
             disk_min_file_size=_INLINE_LIMIT,
+            # No culling inside set(): cull_to_limit() runs after each write, and counts.
+            cull_limit=0,
             # Other workers share the index; wait for their writes rather than fail.
             timeout=60,
         )
@@ -123,10 +153,13 @@ class Store:
     def has_blob(self, digest: Digest) -> bool:
         return _blob_key(digest) in self._index
 
-    def adopt_blob(self, temp: Path, digest: Digest) -> None:
-        """Move a verified temporary file into the cache, then cull to the cap."""
+    def adopt_blob(self, temp: Path, digest: Digest) -> int:
+        """Move a verified temporary file into the cache, then cull to the cap.
+
+        Returns how many entries were evicted to make room.
+        """
         self._index.set(_blob_key(digest), AdoptFile(temp, digest))
-        self._index.cull()
+        return self._index.cull_to_limit()
 
     def temp_path(self, digest: Digest) -> Path:
         """Where a blob is filled; fixed, so other workers can follow the fill."""
@@ -144,8 +177,10 @@ class Store:
         media_type, body = value
         return str(media_type), bytes(body)
 
-    def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+    def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> int:
+        """Store a verified manifest; returns how many entries were evicted."""
         self._index.set(_manifest_key(digest), (media_type, body))
+        return self._index.cull_to_limit()
 
     # tags
 
@@ -200,5 +235,22 @@ class Store:
                     path.unlink()
                 lock.release(remove=True)
 
-    def volume(self) -> int:
-        return int(self._index.volume())
+    def facts(self) -> tuple[int, dict[str, int], int]:
+        """Bytes on disk, entries by kind (blob, manifest, tag, missing), and the cap."""
+        entries = {"blob": 0, "manifest": 0, "tag": 0, "missing": 0}
+        with contextlib.closing(sqlite3.connect(self.directory / "cache.db", timeout=5)) as db:
+            rows = db.execute(
+                "SELECT substr(key, 1, instr(key, ':') - 1), COUNT(*) FROM Cache GROUP BY 1"
+            ).fetchall()
+        entries.update({str(kind): int(count) for kind, count in rows if kind in entries})
+        return int(self._index.volume()), entries, int(self._index.size_limit)
+
+    def writable(self) -> bool:
+        """Can a file be created in the cache directory, and does the index answer?"""
+        try:
+            with tempfile.TemporaryFile(dir=self.tmp_dir):
+                pass
+            self._index.get("readiness-probe")
+        except (OSError, sqlite3.Error):
+            return False
+        return True

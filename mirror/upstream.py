@@ -23,7 +23,7 @@ from .config import UpstreamSettings
 from .errors import (
     BlobUnknown,
     Denied,
-    DigestInvalid,
+    DigestMismatch,
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
@@ -33,6 +33,7 @@ from .errors import (
     Unavailable,
 )
 from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
+from .metrics import Metrics
 from .reference import Digest, parse_digest, upstream_repository
 
 __all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Upstream"]
@@ -100,8 +101,10 @@ class Upstream:
         settings: UpstreamSettings,
         transport: httpx.AsyncBaseTransport | None = None,
         now: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self._metrics = metrics
         self.name = settings.name
         self.rate_limit = RateLimit()
         self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown, now)
@@ -118,6 +121,7 @@ class Upstream:
             "transport": transport,
             "verify": settings.tls_verify,
             "headers": {"User-Agent": "mirror/0.1"},
+            "event_hooks": {"request": [self._on_request], "response": [self._on_response]},
         }
         self._token_client = httpx.AsyncClient(**common)  # type: ignore[arg-type]
         self._client = httpx.AsyncClient(
@@ -158,11 +162,13 @@ class Upstream:
             try:
                 response = await self._client.send(request, stream=True)
             except OCIError:
-                self.breaker.failed()  # the token service failed
+                self._set_up(False)  # the token service failed
                 raise
             except httpx.HTTPError as exc:
+                if self._metrics:
+                    self._metrics.upstream_requests.labels(self.name, method, "error").inc()
                 if attempt >= self.settings.retries:
-                    self.breaker.failed()
+                    self._set_up(False)
                     log.warning(
                         "upstream %s: %s %s failed: %s", self.name, method, path, type(exc).__name__
                     )
@@ -172,25 +178,55 @@ class Upstream:
             else:
                 self._note_rate_limit(response)
                 if response.status_code < 300:
-                    self.breaker.succeeded()
+                    self._set_up(True)
                     return response
                 await response.aclose()
                 retryable = response.status_code in _RETRY_STATUSES
                 if not retryable or attempt >= self.settings.retries:
-                    if retryable:
-                        self.breaker.failed()
-                    else:
-                        self.breaker.succeeded()  # it answered: it is up
+                    self._set_up(not retryable)  # any other answer means it is up
                     raise self._error(response, unknown)
                 delay = _retry_after(response) or delay
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _set_up(self, up: bool) -> None:
+        if up:
+            self.breaker.succeeded()
+        else:
+            self.breaker.failed()
+        if self._metrics:
+            is_open = self.breaker.state != "closed"
+            self._metrics.breaker_open.labels(self.name).set(1 if is_open else 0)
+
+    async def _on_request(self, request: httpx.Request) -> None:
+        request.extensions["mirror_started"] = time.monotonic()
+
+    async def _on_response(self, response: httpx.Response) -> None:
+        """Every upstream answer, token service and redirects included."""
+        if self._metrics is None:
+            return
+        request = response.request
+        self._metrics.upstream_requests.labels(
+            self.name, request.method, str(response.status_code)
+        ).inc()
+        started = request.extensions.get("mirror_started")
+        if isinstance(started, float):
+            self._metrics.upstream_seconds.labels(self.name).observe(time.monotonic() - started)
 
     def _note_rate_limit(self, response: httpx.Response) -> None:
         limit = _rate_value(response.headers.get("ratelimit-limit"))
         if limit is not None:
             self.rate_limit.limit = limit
             self.rate_limit.remaining = _rate_value(response.headers.get("ratelimit-remaining"))
+            if self._metrics:
+                self._metrics.ratelimit_limit.labels(self.name).set(limit)
+                if self.rate_limit.remaining is not None:
+                    remaining = self.rate_limit.remaining
+                    self._metrics.ratelimit_remaining.labels(self.name).set(remaining)
+
+    def _count_bytes(self, size: int) -> None:
+        if self._metrics:
+            self._metrics.upstream_bytes.labels(self.name).inc(size)
 
     def _error(self, response: httpx.Response, unknown: type[OCIError]) -> OCIError:
         status = response.status_code
@@ -232,6 +268,7 @@ class Upstream:
         finally:
             await response.aclose()
         data = bytes(body)
+        self._count_bytes(len(data))
         media_type = manifest_media_type(response.headers.get("Content-Type"), data)
         claimed = response.headers.get("Docker-Content-Digest")
         expected = reference if isinstance(reference, Digest) else None
@@ -247,7 +284,7 @@ class Upstream:
                 actual,
                 expected,
             )
-            raise DigestInvalid(
+            raise DigestMismatch(
                 f"upstream {self.name} sent a manifest that does not match {expected}"
             )
         if actual.algorithm != "sha256":
@@ -300,6 +337,7 @@ class Upstream:
             to_skip = skip
             try:
                 async for chunk in response.aiter_raw(_BLOB_CHUNK):
+                    self._count_bytes(len(chunk))
                     if to_skip:
                         chunk, to_skip = chunk[to_skip:], max(to_skip - len(chunk), 0)
                         if not chunk:

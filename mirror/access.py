@@ -1,0 +1,107 @@
+"""Per-request observation: one access-log line and the request metrics.
+
+Routes leave what they learnt (the cache result, the upstream) in the request's
+state; this middleware reads it once the response is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+__all__ = ["AccessLog", "route_of"]
+
+log = logging.getLogger("mirror.access")
+
+# Results whose bytes did not come from an upstream for this request.
+_FROM_CACHE = {"hit", "coalesced", "revalidated", "stale"}
+
+
+def route_of(path: str) -> str:
+    """A bounded label for a request path."""
+    if path in ("/v2/", "/v2"):
+        return "base"
+    if path.startswith("/v2/"):
+        if path == "/v2/_catalog":
+            return "catalog"
+        for marker, route in (
+            ("/manifests/", "manifest"),
+            ("/blobs/", "blob"),
+            ("/tags/list", "tags"),
+            ("/referrers/", "referrers"),
+        ):
+            if marker in path:
+                return route
+        return "other"
+    if path in ("/metrics", "/healthz", "/readyz"):
+        return path[1:]
+    return "other"
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+        sent = 0
+
+        async def observe(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            self._record(scope, status or 500, sent, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, sent: int, seconds: float) -> None:
+        route = route_of(scope["path"])
+        method = scope["method"]
+        state = scope.get("state") or {}
+        result = state.get("cache_result", "-")
+        upstream = state.get("upstream", "-")
+        self.metrics.requests.labels(route, method, str(status)).inc()
+        self.metrics.request_seconds.labels(route).observe(seconds)
+        if sent and result != "-":
+            source = "cache" if result in _FROM_CACHE else "upstream"
+            self.metrics.sent_bytes.labels(source).inc(sent)
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        client = scope.get("client")
+        remote = client[0] if client else "-"
+        fields = {
+            "remote": remote,
+            "method": method,
+            "path": target,
+            "status": status,
+            "bytes": sent,
+            "duration_seconds": round(seconds, 6),
+            "cache": result,
+            "upstream": upstream,
+        }
+        log.info(
+            '%s "%s %s" %d %dB %.3fs cache=%s upstream=%s',
+            remote,
+            method,
+            target,
+            status,
+            sent,
+            seconds,
+            result,
+            upstream,
+            extra={"access": fields},
+        )

@@ -1,0 +1,57 @@
+"""Logging: plain text by default, one JSON object per line when configured.
+
+The access log is one line per request; its fields travel as ``extra`` so the
+JSON formatter can keep them as fields rather than a sentence to parse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+__all__ = ["configure_logging"]
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+class _DropTlsProbes(logging.Filter):
+    """skopeo, podman and buildah try TLS first on a plain-HTTP port; that is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Invalid HTTP request received" not in record.getMessage()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_DropTlsProbes())
+    # httpx logs every request at INFO; the access log and metrics already say it all.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

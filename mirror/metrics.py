@@ -1,0 +1,154 @@
+"""The Prometheus metrics an operator runs the mirror on.
+
+Every metric lives on a ``CollectorRegistry`` owned by one ``Metrics`` object, so
+tests can build many apps in one process. Under ``mirror serve`` the environment
+carries ``PROMETHEUS_MULTIPROC_DIR`` and prometheus-client's multiprocess mode
+adds up what every worker counted; figures that are facts about the shared disk
+(cache size, entries) are read at scrape time instead of being counted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "CacheFacts", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# (size in bytes, {kind: entries}, configured cap in bytes), read from the disk index.
+CacheFacts = Callable[[], tuple[int, dict[str, int], int]]
+
+
+class _CacheCollector(Collector):
+    def __init__(self, facts: CacheFacts) -> None:
+        self._facts = facts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        size, entries, cap = self._facts()
+        yield GaugeMetricFamily("mirror_cache_size_bytes", "Bytes the cache holds on disk.", size)
+        yield GaugeMetricFamily("mirror_cache_max_size_bytes", "The configured size cap.", cap)
+        family = GaugeMetricFamily(
+            "mirror_cache_entries", "Entries in the cache index by kind.", labels=["kind"]
+        )
+        for kind, count in sorted(entries.items()):
+            family.add_metric([kind], count)
+        yield family
+
+
+class Metrics:
+    def __init__(self, facts: CacheFacts) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._facts = facts
+        self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        r = self.registry
+        self.requests = Counter(
+            "mirror_http_requests_total",
+            "Client requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mirror_http_request_duration_seconds",
+            "Time to answer a client request, body included, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_results = Counter(
+            "mirror_cache_requests_total",
+            "Cache lookups by kind (manifest, blob) and result (hit, miss, revalidated, stale, "
+            "coalesced, negative_hit).",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "mirror_sent_bytes_total",
+            "Body bytes sent to clients by source: cache (saved upstream traffic) or upstream.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests_total",
+            "Requests to upstream registries by upstream, method and status "
+            "(status 'error' when no answer came).",
+            ["upstream", "method", "status"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Time until an upstream answered a request's headers.",
+            ["upstream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes_total",
+            "Manifest and blob bytes fetched from upstreams.",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "The upstream's pull rate limit, as last reported (ratelimit-limit).",
+            ["upstream"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window, as last reported.",
+            ["upstream"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "mirror_upstream_breaker_open",
+            "1 while an upstream is considered down (circuit breaker open) in some worker.",
+            ["upstream"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mirror_cache_evictions_total",
+            "Entries evicted to keep the cache under its size cap.",
+            registry=r,
+        )
+        self.fills_in_flight = Gauge(
+            "mirror_fills_in_flight",
+            "Blob downloads from upstreams under way.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches_total",
+            "Upstream content that did not match its digest (never cached), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        if self._multiprocess_dir is None:
+            self.registry.register(_CacheCollector(facts))
+
+    def scrape_registry(self) -> CollectorRegistry:
+        """What a scrape reads: every worker's counts, and the disk's facts."""
+        if self._multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(_CacheCollector(self._facts))
+        return registry
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.scrape_registry())

@@ -12,7 +12,7 @@ import time
 
 __all__ = ["configure_logging"]
 
-_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -22,6 +22,7 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         access = getattr(record, "access", None)

@@ -65,8 +65,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(OCIError("internal error"), request.method)
 
 
-class _APIVersionHeader:
-    """Every answer says it speaks registry/2.0, as clients check on ``/v2/``."""
+class _RegistryHeaders:
+    """Every answer says it speaks registry/2.0, as clients check on ``/v2/``; one
+    routed by containerd's ``?ns=`` says which namespace it served (``OCI-Namespace``,
+    from the OCI spec's section on proxying)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -78,8 +80,11 @@ class _APIVersionHeader:
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"].append((b"docker-distribution-api-version", b"registry/2.0"))
+                headers = message.setdefault("headers", [])
+                headers.append((b"docker-distribution-api-version", b"registry/2.0"))
+                namespace = (scope.get("state") or {}).get("namespace")
+                if namespace:
+                    headers.append((b"oci-namespace", namespace.encode()))
             await send(message)
 
         await self.app(scope, receive, send_with_header)
@@ -164,6 +169,8 @@ def create_app(
             request.path_params["name"], request.query_params.get("ns")
         )
         request.state.upstream = upstream.name
+        if request.query_params.get("ns"):
+            request.state.namespace = upstream.name
         return upstream, repository
 
     async def api_root(request: Request) -> Response:
@@ -264,7 +271,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cache = cache
-    app.add_middleware(_APIVersionHeader)
+    app.add_middleware(_RegistryHeaders)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
 

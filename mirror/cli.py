@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -11,8 +13,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, Settings, load
+from .config import ConfigError, Settings, UpstreamSettings, load
+from .errors import Denied, OCIError, Unauthorized
+
+# Nothing here imports prometheus-client (through .upstream, .metrics or .app) at
+# module level: it picks its multiprocess mode when first imported, and
+# `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
 from .logs import configure_logging
+from .manifest import MANIFEST_TYPES
 
 __all__ = ["main"]
 
@@ -92,6 +100,44 @@ def app_from_environment() -> object:
     return create_app(settings)
 
 
+async def _check_one(settings: UpstreamSettings) -> tuple[bool, str]:
+    """One line on one upstream: reachable, authenticated, rate-limit headroom."""
+    from .upstream import Upstream
+
+    upstream = Upstream(dataclasses.replace(settings, retries=0))
+    who = f"as {settings.username}" if settings.username else "anonymously"
+    try:
+        await upstream.ping()
+        if upstream.settings.official_prefix:
+            # Docker's documented way to read the pull limit without spending a pull.
+            with contextlib.suppress(OCIError):
+                await upstream.head_manifest("ratelimitpreview/test", "latest", MANIFEST_TYPES)
+    except (Unauthorized, Denied) as exc:
+        return False, f"reachable, but authentication {who} failed: {exc.message}"
+    except OCIError as exc:
+        return False, f"not usable: {exc.message}"
+    finally:
+        await upstream.aclose()
+    verdict = f"reachable, auth OK ({who})"
+    limit = upstream.rate_limit
+    if limit.limit is not None:
+        verdict += f", rate limit {limit.remaining}/{limit.limit} pulls left"
+    return True, verdict
+
+
+def _check_upstreams(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def check_all() -> list[tuple[bool, str]]:
+        return list(await asyncio.gather(*(_check_one(u) for u in settings.upstreams)))
+
+    results = asyncio.run(check_all())
+    width = max(len(u.name) for u in settings.upstreams)
+    for upstream, (ok, verdict) in zip(settings.upstreams, results, strict=True):
+        print(f"{'ok  ' if ok else 'FAIL'} {upstream.name:<{width}}  {upstream.url}  {verdict}")
+    return 0 if all(ok for ok, _ in results) else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +148,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (server.workers)")
     serve.add_argument("--offline", action="store_true", help="never contact any upstream")
     serve.set_defaults(run=_serve)
+    check = commands.add_parser(
+        "check-upstreams", help="check that every configured upstream answers and accepts us"
+    )
+    check.add_argument("--config", default="config.toml", help="path to config.toml")
+    check.set_defaults(run=_check_upstreams)
     return parser
 
 

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -32,10 +31,9 @@ from .errors import (
     Unsupported,
 )
 from .manifest import accepted_types
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, parse_reference
 from .service import Blob, Manifest, PullThroughCache
-from .store import Store
 from .upstream import Upstream
 
 __all__ = ["create_app"]
@@ -154,15 +152,8 @@ def create_app(
     now: Callable[[], float] | None = None,
 ) -> Starlette:
     """The mirror as an ASGI app. Tests pass a transport that reaches a fake upstream."""
-    clock: dict[str, Any] = {"now": now} if now else {}
-    store = Store(settings.cache.directory, settings.cache.max_size, **clock)
-    metrics = Metrics(store.facts)
-    upstreams = [
-        Upstream(u, upstream_transport, metrics=metrics, **clock) for u in settings.upstreams
-    ]
-    cache = PullThroughCache(
-        store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock
-    )
+    cache = PullThroughCache.from_settings(settings, transport=upstream_transport, now=now)
+    store, metrics = cache.store, cache.metrics
 
     def route(request: Request) -> tuple[Upstream, str]:
         upstream, repository = cache.route(

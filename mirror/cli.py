@@ -12,17 +12,27 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+# Nothing here imports prometheus-client (through .upstream, .metrics, .service or
+# .app) at module level: it picks its multiprocess mode when first imported, and
+# `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
 from .config import ConfigError, Settings, UpstreamSettings, load
 from .errors import Denied, OCIError, Unauthorized
-
-# Nothing here imports prometheus-client (through .upstream, .metrics or .app) at
-# module level: it picks its multiprocess mode when first imported, and
-# `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
 from .logs import configure_logging
 from .manifest import MANIFEST_TYPES
+from .reference import ImageReference, parse_image_reference
+
+if TYPE_CHECKING:
+    from .layout import Plan
+    from .service import PullThroughCache
+    from .warm import WarmSummary
 
 __all__ = ["main"]
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible; the message says what."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -138,6 +148,115 @@ def _check_upstreams(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+def _references(args: argparse.Namespace) -> list[ImageReference]:
+    texts = list(args.references)
+    if getattr(args, "file", None):
+        lines = Path(args.file).read_text().splitlines()
+        texts += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not texts:
+        raise UsageError("name at least one image reference (or a file of them with -f)")
+    references = []
+    for text in texts:
+        try:
+            references.append(parse_image_reference(text))
+        except OCIError as exc:
+            raise UsageError(f"{text!r} is not an image reference: {exc.message}") from exc
+    return references
+
+
+def _open_cache(args: argparse.Namespace, *, offline: bool = False) -> PullThroughCache:
+    from .service import PullThroughCache
+
+    settings = _settings(args)
+    if offline:
+        settings = dataclasses.replace(
+            settings, cache=dataclasses.replace(settings.cache, offline=True)
+        )
+    configure_logging("warning", settings.server.log_format)
+    return PullThroughCache.from_settings(settings)
+
+
+def _report(failures: list[tuple[str, str]]) -> int:
+    for reference, reason in failures:
+        print(f"mirror: {reference}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from .images import parse_platform
+    from .warm import warm
+
+    references = _references(args)
+    try:
+        platforms = [parse_platform(p) for p in args.platform] if args.platform else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    cache = _open_cache(args)
+
+    async def run() -> WarmSummary:
+        try:
+            return await warm(cache, references, platforms, args.concurrency)
+        finally:
+            await cache.aclose()
+            cache.store.close()
+
+    summary = asyncio.run(run())
+    print(summary)
+    return _report(summary.failures)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .layout import LayoutError, export_layout, plan_export
+
+    references = _references(args)
+    cache = _open_cache(args, offline=True)
+
+    async def plan() -> Plan:
+        try:
+            return await plan_export(cache, references)
+        finally:
+            await cache.aclose()
+
+    try:
+        export_plan = asyncio.run(plan())
+        export_layout(cache, export_plan, Path(args.output))
+    except (LayoutError, OCIError) as exc:
+        print(f"mirror: export failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cache.store.close()
+    for skipped in export_plan.skipped:
+        print(f"mirror: not cached, left out: {skipped}", file=sys.stderr)
+    size = sum(export_plan.blobs.values())
+    print(
+        f"exported {len(references)} images, {len(export_plan.blobs)} blobs "
+        f"({size} bytes) to {args.output}"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .layout import LayoutError, import_layout
+
+    repository = args.repository
+    cache = _open_cache(args)
+    try:
+        summary = import_layout(cache, Path(args.path), repository)
+    except LayoutError as exc:
+        print(f"mirror: import failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        asyncio.run(cache.aclose())
+        cache.store.close()
+    for image in summary.images:
+        print(f"imported {image}")
+    print(
+        f"{len(summary.images)} images, {summary.blobs_added} blobs added "
+        f"({summary.bytes_added} bytes), {summary.blobs_present} already present"
+    )
+    return _report(summary.failures)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +272,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", default="config.toml", help="path to config.toml")
     check.set_defaults(run=_check_upstreams)
+
+    warm = commands.add_parser("warm", help="fill the cache with images ahead of time")
+    warm.add_argument(
+        "references", nargs="*", metavar="REF", help="e.g. debian:12, ghcr.io/org/img:1"
+    )
+    warm.add_argument("-f", "--file", help="a file of references, one per line")
+    platforms = warm.add_mutually_exclusive_group()
+    platforms.add_argument(
+        "--platform", action="append", metavar="OS/ARCH", help="only these platforms of an index"
+    )
+    platforms.add_argument(
+        "--all-platforms", action="store_true", help="every platform of an index (the default)"
+    )
+    warm.add_argument("--concurrency", type=int, default=4, help="blobs fetched at once")
+    warm.add_argument("--config", default="config.toml", help="path to config.toml")
+    warm.set_defaults(run=_warm)
+
+    export = commands.add_parser("export", help="write cached images as an OCI layout archive")
+    export.add_argument("references", nargs="+", metavar="REF")
+    export.add_argument("-o", "--output", required=True, metavar="FILE.tar")
+    export.add_argument("--config", default="config.toml", help="path to config.toml")
+    export.set_defaults(run=_export, file=None)
+
+    load = commands.add_parser(
+        "import", help="load an OCI layout (directory or tar) into the cache"
+    )
+    load.add_argument("path", metavar="FILE.tar|DIR")
+    load.add_argument("--repository", help="the repository for images whose ref name is a bare tag")
+    load.add_argument("--config", default="config.toml", help="path to config.toml")
+    load.set_defaults(run=_import)
     return parser
 
 
@@ -165,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except ConfigError as exc:
         print(f"mirror: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

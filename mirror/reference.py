@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from .errors import DigestInvalid, ManifestInvalid, NameInvalid
 
-__all__ = ["Digest", "parse_digest", "parse_reference", "parse_repository", "upstream_repository"]
+__all__ = [
+    "Digest",
+    "ImageReference",
+    "parse_digest",
+    "parse_image_reference",
+    "parse_reference",
+    "parse_repository",
+    "upstream_repository",
+]
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -71,3 +79,49 @@ def upstream_repository(name: str, *, official_prefix: bool) -> str:
     if official_prefix and "/" not in name:
         return f"library/{name}"
     return name
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """An image as people type it: ``debian:12``, ``ghcr.io/org/img@sha256:…``."""
+
+    registry: str | None  # None: the default upstream
+    repository: str
+    tag: str | None
+    digest: Digest | None
+
+    @property
+    def reference(self) -> str | Digest:
+        """What to ask the manifests endpoint for: the digest when given, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def path_name(self) -> str:
+        """The name as a request path carries it, registry prefix included."""
+        return f"{self.registry}/{self.repository}" if self.registry else self.repository
+
+    def __str__(self) -> str:
+        text = self.path_name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """Parse ``[registry/]repository[:tag][@digest]``; the tag defaults to ``latest``."""
+    rest, _, digest_text = text.strip().partition("@")
+    digest = parse_digest(digest_text) if digest_text else None
+    registry = None
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, rest = first.lower(), remainder
+    name, colon, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    tag_value = None
+    if colon:
+        parse_reference(tag)  # raises ManifestInvalid for a bad tag
+        tag_value = tag
+    elif digest is None:
+        tag_value = "latest"
+    return ImageReference(registry, parse_repository(name), tag_value, digest)

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import anyio
+import httpx
 
+from .config import Settings
 from .errors import (
     BlobUnknown,
     DigestMismatch,
@@ -35,8 +37,9 @@ from .errors import (
 )
 from .fill import DiskFull, Fill, ForeignFill, Progress, follow, report_disk_failure
 from .locks import FileLock
+from .manifest import MANIFEST_TYPES
 from .metrics import Metrics
-from .reference import Digest, parse_repository
+from .reference import Digest, parse_repository, upstream_repository
 from .singleflight import SingleFlight
 from .store import Store
 from .upstream import BlobResponse, FetchedManifest, Upstream
@@ -190,6 +193,26 @@ class PullThroughCache:
         self._fills: dict[Digest, Fill] = {}
         self._background: set[asyncio.Task[None]] = set()
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        now: Callable[[], float] | None = None,
+    ) -> PullThroughCache:
+        """The cache, its store and its upstreams as the settings describe them."""
+        clock: dict[str, Callable[[], float]] = {"now": now} if now else {}
+        store = Store(settings.cache.directory, settings.cache.max_size, **clock)
+        metrics = Metrics(store.facts)
+        upstreams = [Upstream(u, transport, metrics=metrics, **clock) for u in settings.upstreams]
+        return cls(store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock)
+
+    async def drain(self) -> None:
+        """Wait for fills under way to be cached (readers may finish before that)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
@@ -208,23 +231,28 @@ class PullThroughCache:
 
         containerd's ``?ns=`` wins; then a first path component naming a configured
         upstream (``ghcr.io/org/img``); otherwise the default upstream. A host that
-        is not configured is refused: the mirror is not an open proxy.
+        is not configured is refused: the mirror is not an open proxy. Docker Hub's
+        official images are named ``library/x`` whichever way the client spelt them,
+        so that ``debian`` and ``library/debian`` share one cache entry.
         """
         parse_repository(name)
+        first, _, rest = name.partition("/")
         if namespace:
             upstream = self.upstreams.get(namespace.lower())
             if upstream is None:
                 raise NameUnknown(f"registry {namespace!r} is not an upstream of this mirror")
-            return upstream, name
-        first, _, rest = name.partition("/")
-        if rest and "." in first:
+        elif rest and "." in first:
             upstream = self.upstreams.get(first)
             if upstream is None:
                 raise NameUnknown(f"registry {first!r} is not an upstream of this mirror")
-            return upstream, rest
-        return self.default_upstream, name
+            name = rest
+        else:
+            upstream = self.default_upstream
+        return upstream, upstream_repository(
+            name, official_prefix=upstream.settings.official_prefix
+        )
 
-    def _catalog_name(self, upstream: Upstream, repository: str) -> str:
+    def catalog_name(self, upstream: Upstream, repository: str) -> str:
         if upstream is self.default_upstream:
             return repository
         return f"{upstream.name}/{repository}"
@@ -264,6 +292,14 @@ class PullThroughCache:
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
         record = await self._disk(self.store.get_tag, upstream.name, repository, tag, accept)
+        if record is None and accept != MANIFEST_TYPES:
+            # What the tag is for a client that accepts everything holds for this one
+            # too, when it accepts that type (warm and import record only that).
+            general = await self._disk(
+                self.store.get_tag, upstream.name, repository, tag, MANIFEST_TYPES
+            )
+            if general is not None and general.media_type in accept:
+                record = general
         cached = None
         if record is not None:
             cached = await self._disk(self.store.get_manifest, record.digest)
@@ -340,7 +376,7 @@ class PullThroughCache:
             self.store.put_tag(
                 upstream.name, repository, reference, accept, fetched.digest, fetched.media_type
             )
-        self.store.add_repository(self._catalog_name(upstream, repository))
+        self.store.add_repository(self.catalog_name(upstream, repository))
 
     def _evicted(self, count: int) -> None:
         if count:

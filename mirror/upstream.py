@@ -34,7 +34,7 @@ from .errors import (
 )
 from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
 from .metrics import Metrics
-from .reference import Digest, parse_digest, upstream_repository
+from .reference import Digest, parse_digest
 
 __all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Upstream"]
 
@@ -138,8 +138,7 @@ class Upstream:
         await self._token_client.aclose()
 
     def _path(self, repository: str, kind: str, reference: str) -> str:
-        name = upstream_repository(repository, official_prefix=self.settings.official_prefix)
-        return f"/v2/{name}/{kind}/{reference}"
+        return f"/v2/{repository}/{kind}/{reference}"
 
     async def _send(
         self,

@@ -59,9 +59,13 @@ class MirrorProcess:
         workers: int = 1,
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        workdir: Path | None = None,
         **cache: Any,
     ) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="mirror-"))
+        # A workdir passed in belongs to the caller (e.g. pytest's tmp_path) and stays.
+        self._owns_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mirror-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cache_dir or self.workdir / "cache"
         self.port = free_port()
         self.config_path = self.workdir / "config.toml"
@@ -153,7 +157,8 @@ class MirrorProcess:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -162,3 +167,20 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mirror ARGS`` to completion, capturing its output."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

@@ -1,0 +1,156 @@
+"""``mirror warm``: fill the cache ahead of time, through the same store,
+single-flight and verification as serving.
+
+A server running on the same cache directory is fine: a blob it is filling is
+followed through its lock, not fetched twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from tqdm import tqdm
+
+from .errors import OCIError
+from .images import Descriptor, Platform, children, is_index, referenced_blobs
+from .manifest import MANIFEST_TYPES
+from .reference import ImageReference
+from .service import PullThroughCache
+from .upstream import Upstream
+
+__all__ = ["WarmSummary", "warm"]
+
+
+@dataclass
+class WarmSummary:
+    images: int = 0
+    manifests: int = 0
+    blobs: int = 0
+    bytes_fetched: int = 0
+    bytes_present: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.images} images, {self.manifests} manifests, {self.blobs} blobs: "
+            f"{_size(self.bytes_fetched)} fetched, {_size(self.bytes_present)} already present"
+            + (f", {len(self.failures)} failed" if self.failures else "")
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class _Image:
+    """Warming one reference: its manifests, then its blobs, with a progress bar."""
+
+    def __init__(
+        self,
+        cache: PullThroughCache,
+        reference: ImageReference,
+        platforms: list[Platform] | None,
+        blob_slots: asyncio.Semaphore,
+        summary: WarmSummary,
+        show_progress: bool,
+    ) -> None:
+        self.cache = cache
+        self.reference = reference
+        self.platforms = platforms
+        self.blob_slots = blob_slots
+        self.summary = summary
+        self.show_progress = show_progress
+        self.bar: tqdm[NoReturn] | None = None
+
+    async def run(self) -> None:
+        upstream, repository = self.cache.route(self.reference.path_name)
+        top = await self.cache.get_manifest(
+            upstream, repository, self.reference.reference, MANIFEST_TYPES
+        )
+        self._count_manifest(top.result, len(top.body))
+        images = [top.body]
+        if is_index(top.media_type):
+            wanted = [
+                child
+                for child in children(top.body)
+                if self.platforms is None
+                or (child.platform and any(p.matches(child.platform) for p in self.platforms))
+            ]
+            if not wanted:
+                choices = ", ".join(str(c.platform) for c in children(top.body) if c.platform)
+                raise ValueError(f"no manifest for the platforms asked for (it has {choices})")
+            for child in wanted:
+                manifest = await self.cache.get_manifest(
+                    upstream, repository, child.digest, MANIFEST_TYPES
+                )
+                self._count_manifest(manifest.result, len(manifest.body))
+                images.append(manifest.body)
+            images = images[1:]
+        blobs = {d.digest: d for body in images for d in referenced_blobs(body)}
+        total = sum(d.size for d in blobs.values())
+        if self.show_progress:
+            self.bar = tqdm(
+                total=total, desc=str(self.reference), unit="B", unit_scale=True, leave=True
+            )
+        try:
+            await asyncio.gather(*(self._blob(upstream, repository, d) for d in blobs.values()))
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        self.summary.images += 1
+        if not self.show_progress:
+            print(f"warmed {self.reference}: {len(blobs)} blobs, {_size(total)}", flush=True)
+
+    def _count_manifest(self, result: str, size: int) -> None:
+        self.summary.manifests += 1
+        if result == "hit":
+            self.summary.bytes_present += size
+        else:
+            self.summary.bytes_fetched += size
+
+    async def _blob(self, upstream: Upstream, repository: str, descriptor: Descriptor) -> None:
+        async with self.blob_slots:
+            blob = await self.cache.get_blob(upstream, repository, descriptor.digest)
+            if blob.result == "hit":
+                blob.close()  # already cached: nothing to read
+                self.summary.bytes_present += descriptor.size
+                self._advance(descriptor.size)
+            else:
+                async for chunk in blob.chunks():
+                    self.summary.bytes_fetched += len(chunk)
+                    self._advance(len(chunk))
+        self.summary.blobs += 1
+
+    def _advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+async def warm(
+    cache: PullThroughCache,
+    references: list[ImageReference],
+    platforms: list[Platform] | None,
+    concurrency: int,
+    show_progress: bool | None = None,
+) -> WarmSummary:
+    """Warm every reference; failures are collected, not raised."""
+    summary = WarmSummary()
+    slots = asyncio.Semaphore(concurrency)
+    progress = sys.stderr.isatty() if show_progress is None else show_progress
+
+    async def one(reference: ImageReference) -> None:
+        try:
+            await _Image(cache, reference, platforms, slots, summary, progress).run()
+        except (OCIError, ValueError) as exc:
+            summary.failures.append((str(reference), str(exc)))
+
+    await asyncio.gather(*(one(r) for r in references))
+    await cache.drain()
+    return summary

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import AccessLog
+from .blobs import Blob
 from .config import Settings
 from .errors import (
     NameUnknown,
@@ -33,7 +34,7 @@ from .errors import (
 from .manifest import accepted_types
 from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, parse_reference
-from .service import Blob, Manifest, PullThroughCache
+from .service import Manifest, PullThroughCache
 from .upstream import Upstream
 
 __all__ = ["create_app"]

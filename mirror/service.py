@@ -16,15 +16,16 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import anyio
 import httpx
 
+from .blobs import Blob, BlobSource, CachedBlob, FollowedBlob, PassedThroughBlob
 from .config import Settings
 from .errors import (
     BlobUnknown,
@@ -35,7 +36,7 @@ from .errors import (
     TooManyRequests,
     Unavailable,
 )
-from .fill import DiskFull, Fill, ForeignFill, Progress, follow, report_disk_failure
+from .fill import DiskFull, Fill, ForeignFill, report_disk_failure
 from .locks import FileLock
 from .manifest import MANIFEST_TYPES
 from .metrics import Metrics
@@ -44,12 +45,11 @@ from .singleflight import SingleFlight
 from .store import Store
 from .upstream import BlobResponse, FetchedManifest, Upstream
 
-__all__ = ["Blob", "Manifest", "PullThroughCache"]
+__all__ = ["Manifest", "PullThroughCache"]
 
 log = logging.getLogger("mirror.service")
 
 T = TypeVar("T")
-_CACHED_READ_CHUNK = 1024 * 1024
 # Failures after which the last known answer is served instead of an error.
 _STALE_ON = (Unavailable, TooManyRequests)
 
@@ -60,115 +60,6 @@ class Manifest:
     media_type: str
     digest: Digest
     result: str  # hit, miss, revalidated, stale, coalesced
-
-
-class Blob:
-    """A blob's bytes, from the cache or from a fill in progress."""
-
-    def __init__(self, size: int | None, result: str) -> None:
-        self.size = size
-        self.result = result  # hit, miss, coalesced
-
-    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class _CachedBlob(Blob):
-    def __init__(self, handle: BinaryIO) -> None:
-        super().__init__(os.fstat(handle.fileno()).st_size, "hit")
-        self._handle = handle
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        fd = self._handle.fileno()
-        position, stop = start, self.size if end is None else end
-        assert stop is not None
-        try:
-            while position < stop:
-                data = await anyio.to_thread.run_sync(
-                    os.pread, fd, min(_CACHED_READ_CHUNK, stop - position), position
-                )
-                if not data:
-                    raise Unavailable("cached blob is shorter than its record")
-                position += len(data)
-                yield data
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]
-
-
-class _FollowedBlob(Blob):
-    """A blob read from a fill as it grows; on a full disk, the rest comes from upstream."""
-
-    def __init__(self, progress: Progress, fd: int, result: str, resume: BlobSource) -> None:
-        super().__init__(progress.size, result)
-        self._progress = progress
-        self._fd: int | None = fd
-        self._resume = resume
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        assert self._fd is not None
-        fd, self._fd = self._fd, None
-        position = start
-        try:
-            async for data in follow(self._progress, fd, start, end):
-                position += len(data)
-                yield data
-        except DiskFull:
-            async with self._resume(position) as response:
-                async for data in response.chunks:
-                    if end is not None and position + len(data) > end:
-                        data = data[: end - position]
-                    position += len(data)
-                    yield data
-                    if end is not None and position >= end:
-                        break
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class _PassedThroughBlob(Blob):
-    """A blob streamed from the upstream without caching: the disk had no room."""
-
-    def __init__(self, source: BlobSource) -> None:
-        super().__init__(None, "miss")
-        self._source = source
-        self._stack = AsyncExitStack()
-        self._response: BlobResponse | None = None
-
-    async def open(self) -> _PassedThroughBlob:
-        self._response = await self._stack.enter_async_context(self._source(0))
-        self.size = self._response.size
-        return self
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        assert self._response is not None
-        position = 0
-        try:
-            async for data in self._response.chunks:
-                low, high = max(start - position, 0), len(data)
-                if end is not None:
-                    high = min(high, end - position)
-                position += len(data)
-                if low < high:
-                    yield data[low:high]
-                if end is not None and position >= end:
-                    break
-        finally:
-            await self._stack.aclose()
-
-    def close(self) -> None:
-        pass  # nothing is opened before chunks() or open(); the stack closes itself
 
 
 class PullThroughCache:
@@ -394,7 +285,7 @@ class PullThroughCache:
     async def _get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         handle = await self._disk(self.store.open_blob, digest)
         if handle is not None:
-            return _CachedBlob(handle)
+            return CachedBlob(handle)
 
         def source(start: int) -> AbstractAsyncContextManager[BlobResponse]:
             return upstream.open_blob(repository, digest, start)
@@ -415,7 +306,7 @@ class PullThroughCache:
         except OSError as exc:
             lock.release(remove=True)
             report_disk_failure(exc, f"blob {digest}")
-            return await _PassedThroughBlob(source).open()
+            return await PassedThroughBlob(source).open()
         self._fills[digest] = fill
 
         async def adopt(path: Path) -> None:
@@ -444,11 +335,11 @@ class PullThroughCache:
             fill.outcome()  # raises if the fill failed before its first byte
         except DiskFull:
             os.close(fd)
-            return await _PassedThroughBlob(source).open()
+            return await PassedThroughBlob(source).open()
         except BaseException:
             os.close(fd)
             raise
-        return _FollowedBlob(fill, fd, result, source)
+        return FollowedBlob(fill, fd, result, source)
 
     async def _follow_foreign(self, digest: Digest, source: BlobSource) -> Blob:
         progress = ForeignFill(
@@ -465,8 +356,8 @@ class PullThroughCache:
                 raise Unavailable(
                     f"blob {digest} is being filled by another worker; retry"
                 ) from None
-            return _CachedBlob(handle)
-        return _FollowedBlob(progress, fd, "coalesced", source)
+            return CachedBlob(handle)
+        return FollowedBlob(progress, fd, "coalesced", source)
 
     async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """A blob's size, without downloading it."""

@@ -269,26 +269,25 @@ class Upstream:
         data = bytes(body)
         self._count_bytes(len(data))
         media_type = manifest_media_type(response.headers.get("Content-Type"), data)
+        # By digest, the bytes must hash to it; by tag, to what the upstream claims.
         claimed = response.headers.get("Docker-Content-Digest")
-        expected = reference if isinstance(reference, Digest) else None
-        if expected is None and claimed:
-            expected = parse_digest(claimed)
-        actual = Digest.of(data, expected.algorithm if expected else "sha256")
-        if expected is not None and actual != expected:
+        if isinstance(reference, Digest):
+            digest = reference
+        else:
+            digest = parse_digest(claimed) if claimed else Digest.of(data)
+        actual = Digest.of(data, digest.algorithm)
+        if actual != digest:
             log.error(
-                "upstream %s: manifest %s@%s has digest %s, expected %s",
+                "digest mismatch: upstream %s sent %s for manifest %s@%s; not cached",
                 self.name,
+                actual,
                 repository,
                 reference,
-                actual,
-                expected,
             )
             raise DigestMismatch(
-                f"upstream {self.name} sent a manifest that does not match {expected}"
+                f"upstream {self.name} sent a manifest that does not match {digest}"
             )
-        if actual.algorithm != "sha256":
-            actual = Digest.of(data)
-        return FetchedManifest(data, media_type, actual if expected is None else expected)
+        return FetchedManifest(data, media_type, digest)
 
     async def head_manifest(
         self, repository: str, reference: str | Digest, accept: tuple[str, ...]

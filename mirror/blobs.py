@@ -1,0 +1,129 @@
+"""A blob's bytes as the web layer streams them: from a cached file, from a fill
+as it grows, or (when the disk is full) straight from the upstream."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import BinaryIO
+
+import anyio
+
+from .errors import Unavailable
+from .fill import DiskFull, Progress, follow
+from .upstream import BlobResponse
+
+__all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
+
+_CACHED_READ_CHUNK = 1024 * 1024
+
+
+class Blob:
+    """A blob's bytes: ``chunks(start, end)`` yields bytes start..end (exclusive) once;
+    ``close()`` releases what was opened when the bytes are never read."""
+
+    def __init__(self, size: int | None, result: str) -> None:
+        self.size = size
+        self.result = result  # hit, miss, coalesced
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class CachedBlob(Blob):
+    def __init__(self, handle: BinaryIO) -> None:
+        super().__init__(os.fstat(handle.fileno()).st_size, "hit")
+        self._handle = handle
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        fd = self._handle.fileno()
+        position, stop = start, self.size if end is None else end
+        assert stop is not None
+        try:
+            while position < stop:
+                data = await anyio.to_thread.run_sync(
+                    os.pread, fd, min(_CACHED_READ_CHUNK, stop - position), position
+                )
+                if not data:
+                    raise Unavailable("cached blob is shorter than its record")
+                position += len(data)
+                yield data
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]
+
+
+class FollowedBlob(Blob):
+    """A blob read from a fill as it grows; on a full disk, the rest comes from upstream."""
+
+    def __init__(self, progress: Progress, fd: int, result: str, resume: BlobSource) -> None:
+        super().__init__(progress.size, result)
+        self._progress = progress
+        self._fd: int | None = fd
+        self._resume = resume
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        position = start
+        try:
+            async for data in follow(self._progress, fd, start, end):
+                position += len(data)
+                yield data
+        except DiskFull:
+            async with self._resume(position) as response:
+                async for data in response.chunks:
+                    if end is not None and position + len(data) > end:
+                        data = data[: end - position]
+                    position += len(data)
+                    yield data
+                    if end is not None and position >= end:
+                        break
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class PassedThroughBlob(Blob):
+    """A blob streamed from the upstream without caching: the disk had no room."""
+
+    def __init__(self, source: BlobSource) -> None:
+        super().__init__(None, "miss")
+        self._source = source
+        self._stack = AsyncExitStack()
+        self._response: BlobResponse | None = None
+
+    async def open(self) -> PassedThroughBlob:
+        self._response = await self._stack.enter_async_context(self._source(0))
+        self.size = self._response.size
+        return self
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self._response is not None
+        position = 0
+        try:
+            async for data in self._response.chunks:
+                low, high = max(start - position, 0), len(data)
+                if end is not None:
+                    high = min(high, end - position)
+                position += len(data)
+                if low < high:
+                    yield data[low:high]
+                if end is not None and position >= end:
+                    break
+        finally:
+            await self._stack.aclose()
+
+    def close(self) -> None:
+        pass  # nothing is opened before chunks() or open(); the stack closes itself

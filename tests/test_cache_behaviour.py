@@ -72,11 +72,15 @@ async def test_failed_fill_reaches_every_waiter_and_is_retried_next_time(
 ) -> None:
     digest = fake.add_blob(os.urandom(1024 * 1024))
     fake.corrupt.add(digest)
+    fake.hold_blobs = asyncio.Event()
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
-        results = await asyncio.gather(
-            *(client.get(f"/v2/library/a/blobs/{digest}") for _ in range(4)),
-            return_exceptions=True,
-        )
+        pulls = [asyncio.create_task(client.get(f"/v2/library/a/blobs/{digest}")) for _ in range(4)]
+        while True:  # every request has joined the one fill
+            text = (await client.get("/metrics")).text
+            if 'result="coalesced"} 3.0' in text:
+                break
+        fake.hold_blobs.set()
+        results = await asyncio.gather(*pulls, return_exceptions=True)
         assert all(isinstance(r, httpx.HTTPError) for r in results)
         fake.corrupt.clear()
         response = await client.get(f"/v2/library/a/blobs/{digest}")

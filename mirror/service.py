@@ -171,7 +171,9 @@ class PullThroughCache:
     async def _manifest_by_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
-        cached = await self._disk(self.store.get_manifest, digest)
+        cached = self.store.memo_manifest(digest) or await self._disk(
+            self.store.get_manifest, digest
+        )
         if cached is not None:
             return Manifest(cached[1], cached[0], digest, "hit")
         if self.offline:
@@ -182,7 +184,9 @@ class PullThroughCache:
     async def _manifest_by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
-        record = await self._disk(self.store.get_tag, upstream.name, repository, tag, accept)
+        record = self.store.memo_tag(upstream.name, repository, tag, accept) or await self._disk(
+            self.store.get_tag, upstream.name, repository, tag, accept
+        )
         if record is None and accept != MANIFEST_TYPES:
             # What the tag is for a client that accepts everything holds for this one
             # too, when it accepts that type (warm and import record only that).
@@ -193,7 +197,9 @@ class PullThroughCache:
                 record = general
         cached = None
         if record is not None:
-            cached = await self._disk(self.store.get_manifest, record.digest)
+            cached = self.store.memo_manifest(record.digest) or await self._disk(
+                self.store.get_manifest, record.digest
+            )
         if record is not None and cached is not None:
             media_type, body = cached
             age = self._now() - record.checked_at

@@ -21,7 +21,9 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,9 @@ __all__ = ["AdoptFile", "Store", "TagRecord"]
 
 # Manifests (≤ 4 MiB) stay inside SQLite; only blobs become files.
 _INLINE_LIMIT = 8 * 1024 * 1024
+# Memory for hot manifests and tag records, per process.
+_MEMO_BYTES = 64 * 1024 * 1024
+_TAG_RECORD_SIZE = 256  # roughly what one record costs in memory
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,41 @@ class _Index(diskcache.Cache):  # type: ignore[misc]
         return count
 
 
+class _Memo:
+    """A small in-memory LRU in front of the index for manifests and tag records.
+
+    Hot manifests and tags are served from memory, on the event loop, without a
+    SQLite read (and the write that LRU bookkeeping costs). Manifests are immutable;
+    a tag record here may be older than another worker's revalidation, which costs
+    at most one early revalidation. Bounded by total size.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> object | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: object, size: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self._max_bytes and self._items:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+
 def _blob_key(digest: Digest) -> str:
     return f"blob:{digest}"
 
@@ -132,6 +172,7 @@ class Store:
             # Other workers share the index; wait for their writes rather than fail.
             timeout=60,
         )
+        self._memo = _Memo(_MEMO_BYTES)
         self._repositories = diskcache.Cache(
             str(directory / "repositories"), eviction_policy="none", timeout=60
         )
@@ -170,28 +211,52 @@ class Store:
 
     # manifests
 
+    def memo_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """A manifest from memory only: no I/O, fine on the event loop."""
+        return self._memo.get(_manifest_key(digest))  # type: ignore[return-value]
+
     def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
-        value = self._index.get(_manifest_key(digest))
+        memo = self.memo_manifest(digest)
+        if memo is not None:
+            return memo
+        key = _manifest_key(digest)
+        value = self._index.get(key)
         if value is None:
             return None
         media_type, body = value
-        return str(media_type), bytes(body)
+        manifest = (str(media_type), bytes(body))
+        self._memo.put(key, manifest, len(body))
+        return manifest
 
     def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> int:
         """Store a verified manifest; returns how many entries were evicted."""
-        self._index.set(_manifest_key(digest), (media_type, body))
+        key = _manifest_key(digest)
+        self._index.set(key, (media_type, body))
+        self._memo.put(key, (media_type, body), len(body))
         return self._index.cull_to_limit()
 
     # tags
 
+    def memo_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        """A tag record from memory only: no I/O, fine on the event loop."""
+        return self._memo.get(_tag_key(upstream, repository, tag, accept))  # type: ignore[return-value]
+
     def get_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
-        value = self._index.get(_tag_key(upstream, repository, tag, accept))
+        key = _tag_key(upstream, repository, tag, accept)
+        record = self._memo.get(key)
+        if isinstance(record, TagRecord):
+            return record
+        value = self._index.get(key)
         if value is None:
             return None
         digest, media_type, checked_at = value
-        return TagRecord(Digest(*digest), media_type, checked_at)
+        record = TagRecord(Digest(*digest), media_type, checked_at)
+        self._memo.put(key, record, _TAG_RECORD_SIZE)
+        return record
 
     def put_tag(
         self,
@@ -202,8 +267,10 @@ class Store:
         digest: Digest,
         media_type: str,
     ) -> None:
-        record = ((digest.algorithm, digest.hex), media_type, self._now())
-        self._index.set(_tag_key(upstream, repository, tag, accept), record)
+        key = _tag_key(upstream, repository, tag, accept)
+        checked_at = self._now()
+        self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
+        self._memo.put(key, TagRecord(digest, media_type, checked_at), _TAG_RECORD_SIZE)
 
     def put_missing(self, key: str, ttl: float) -> None:
         """Remember an upstream 404 for ``ttl`` seconds."""

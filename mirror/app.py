@@ -11,7 +11,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import quote
+from urllib.parse import urlencode
 
 import anyio
 import httpx
@@ -142,8 +142,11 @@ def _page_size(request: Request, default: int) -> int:
     return min(int(raw), _MAX_PAGE)
 
 
-def _next_link(path: str, n: int, last: str) -> str:
-    return f'<{path}?n={n}&last={quote(last)}>; rel="next"'
+def _next_link(request: Request, n: int, last: str) -> str:
+    """The next page's URL, keeping the other parameters (containerd's ``ns``)."""
+    params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("n", "last")]
+    query = urlencode([*params, ("n", str(n)), ("last", last)])
+    return f'<{request.url.path}?{query}>; rel="next"'
 
 
 def create_app(
@@ -198,7 +201,7 @@ def create_app(
         if last is not None:
             names = [t for t in names if t > last]
         page, more = names[:n], len(names) > n
-        headers = {"Link": _next_link(request.url.path, n, page[-1])} if more and page else {}
+        headers = {"Link": _next_link(request, n, page[-1])} if more and page else {}
         return JSONResponse({"name": request.path_params["name"], "tags": page}, headers=headers)
 
     async def referrers(request: Request) -> Response:
@@ -214,7 +217,7 @@ def create_app(
         n = _page_size(request, 100)
         names = await cache.catalog(n + 1, request.query_params.get("last"))
         page, more = names[:n], len(names) > n
-        headers = {"Link": _next_link(request.url.path, n, page[-1])} if more and page else {}
+        headers = {"Link": _next_link(request, n, page[-1])} if more and page else {}
         return JSONResponse({"repositories": page}, headers=headers)
 
     async def unknown(request: Request) -> Response:

@@ -115,6 +115,10 @@ async def test_tags_list_paginates_with_link(client: httpx.AsyncClient, fake: Fa
     second = await client.get("/v2/library/t/tags/list?n=2&last=b")
     assert second.json()["tags"] == ["c"]
     assert "Link" not in second.headers
+    routed = await client.get("/v2/library/t/tags/list?ns=docker.io&n=2")
+    assert routed.headers["Link"] == (
+        '</v2/library/t/tags/list?ns=docker.io&n=2&last=b>; rel="next"'
+    )
     bad = await client.get("/v2/library/t/tags/list?n=x")
     assert bad.status_code == 400
 
@@ -127,6 +131,6 @@ async def test_catalog_lists_cached_repositories(
         await client.get(f"/v2/{name}/manifests/1")
     page = await client.get("/v2/_catalog?n=2")
     assert page.json() == {"repositories": ["library/a", "library/b"]}
-    assert "last=library/b" in page.headers["Link"]
+    assert "last=library%2Fb" in page.headers["Link"]
     rest = await client.get("/v2/_catalog?n=2&last=library/b")
     assert rest.json() == {"repositories": ["org/c"]}

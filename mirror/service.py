@@ -132,6 +132,8 @@ class PullThroughCache:
             upstream = self.upstreams.get(namespace.lower())
             if upstream is None:
                 raise NameUnknown(f"registry {namespace!r} is not an upstream of this mirror")
+            if rest and first == upstream.name:
+                name = rest  # the registry named twice, by ns and by prefix
         elif rest and "." in first:
             upstream = self.upstreams.get(first)
             if upstream is None:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mirror.app import create_app
+from mirror.config import parse
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import Clock, app_client, make_settings
 from tests.fakes import FakeRegistry, digest_of
@@ -220,3 +222,40 @@ async def test_upstream_refusals_map_to_oci_codes(
     response = await client.get("/v2/library/a/manifests/1", headers={"Accept": ALL})
     assert response.status_code == status
     assert response.json()["errors"][0]["code"] == code
+
+
+async def test_no_credential_or_token_reaches_a_response_or_a_log_line(
+    tmp_path: Path, fake: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.token_auth = True
+    fake.add_image("library/a", "1", [b"x"])
+    settings = parse(
+        {
+            "cache": {"directory": str(tmp_path / "cache")},
+            "upstreams": [
+                {
+                    "name": "docker.io",
+                    "url": "http://upstream.fake",
+                    "retries": 0,
+                    "username_env": "U",
+                    "password_env": "P",
+                }
+            ],
+        },
+        {"U": "alice", "P": "s3cret-password"},
+    )
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake))
+    caplog.set_level(logging.DEBUG)
+    async with app_client(app) as client:
+        responses = [
+            await client.get("/v2/library/a/manifests/1", headers={"Accept": ALL}),
+            await client.get("/v2/library/a/manifests/nope", headers={"Accept": ALL}),
+            await client.get("/metrics"),
+        ]
+        fake.status = 401
+        responses.append(await client.get("/v2/library/b/manifests/1", headers={"Accept": ALL}))
+    assert responses[0].status_code == 200 and responses[-1].status_code == 401
+    wire = "".join(str(r.headers) + r.text for r in responses)
+    for secret in ("s3cret-password", "good-token"):
+        assert secret not in wire
+        assert secret not in caplog.text

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.support.ports import free_port, wait_http_ok
+from tests.support.ports import LoopbackService, free_port, wait_http_ok
 
 
 def _toml_value(value: Any) -> str:
@@ -48,7 +48,7 @@ def write_config(
     path.write_text("\n".join(lines) + "\n")
 
 
-class MirrorProcess:
+class MirrorProcess(LoopbackService):
     """Starts ``python -m mirror serve``; stops it (gracefully or with kill -9)."""
 
     def __init__(
@@ -83,17 +83,6 @@ class MirrorProcess:
         self.process: subprocess.Popen[bytes] | None = None
         # A command line the server is started through (e.g. a namespace of its own).
         self.wrapper: tuple[str, ...] = ()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def ref(self, repo_ref: str) -> str:
-        return f"docker://{self.host}/{repo_ref}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -95,3 +95,23 @@ def wait_http_ok(
                     f"{label}: {url} not answering after {timeout:.1f}s (last: {last}){detail}"
                 )
             time.sleep(POLL_INTERVAL)
+
+
+class LoopbackService:
+    """Addresses of a registry-speaking service listening on 127.0.0.1:``port``."""
+
+    port: int
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}"
+
+    def ref(self, repo_ref: str) -> str:
+        """skopeo reference: ``ref("library/x:1")`` -> ``docker://127.0.0.1:PORT/library/x:1``."""
+        return f"docker://{self.host}/{repo_ref}"

@@ -39,7 +39,7 @@ import httpx
 
 from . import skopeo
 from .images import ALL_MANIFEST_TYPES, ImageInfo, IndexInfo
-from .ports import free_port, wait_http_ok
+from .ports import LoopbackService, free_port, wait_http_ok
 from .token_server import DEFAULT_ISSUER, DEFAULT_SERVICE, TokenServer
 
 __all__ = ["AccessLogEntry", "AuthMode", "RegistryAuth", "UpstreamRegistry", "parse_access_log"]
@@ -199,7 +199,7 @@ class RegistryAuth(httpx.Auth):
             yield request
 
 
-class UpstreamRegistry:
+class UpstreamRegistry(LoopbackService):
     """A ``docker-registry`` process (plus token server in ``"token"`` mode).
 
     Use as a context manager (``start()`` / ``close()``).  :meth:`stop` and :meth:`start` stop
@@ -291,21 +291,6 @@ class UpstreamRegistry:
         self.config = config
         # JSON is YAML: distribution reads it fine
         self.config_path.write_text(json.dumps(config, indent=2))
-
-    # ------------------------------------------------------------------ addresses
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``."""
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
-
-    def ref(self, repo_ref: str) -> str:
-        """skopeo reference: ``ref("library/x:1")`` -> ``docker://127.0.0.1:PORT/library/x:1``."""
-        return f"docker://{self.host}/{repo_ref}"
 
     @property
     def push_creds(self) -> str | None:

@@ -50,7 +50,6 @@ FOREIGN_POLL_SECONDS = 0.02
 class Progress:
     """What a reader needs to know of a fill: how far it may read, and whether it ended."""
 
-    path: Path
     size: int | None = None  # expected length, when the upstream said
 
     def readable(self) -> int:
@@ -218,8 +217,8 @@ def report_disk_failure(exc: BaseException, what: str) -> bool:
 class ForeignFill(Progress):
     """Another worker's fill, followed through its temporary file and lock."""
 
-    def __init__(self, path: Path, lock_path: Path, is_cached: Callable[[], bool]) -> None:
-        self.path = path
+    def __init__(self, fd: int, lock_path: Path, is_cached: Callable[[], bool]) -> None:
+        self._fd = fd  # the reader's descriptor on the file: its size is our progress
         self._lock_path = lock_path
         self._is_cached = is_cached
         note = read_note(lock_path)
@@ -229,10 +228,7 @@ class ForeignFill(Progress):
     def readable(self) -> int:
         if self._result:
             return self.size if self.size is not None else sys.maxsize
-        try:
-            on_disk = os.stat(self.path).st_size
-        except FileNotFoundError:
-            on_disk = 0
+        on_disk = os.fstat(self._fd).st_size
         # Like our own fills, stay short of the end until the owner has verified it.
         return min(on_disk, self.size - 1) if self.size else 0
 

@@ -350,13 +350,8 @@ class PullThroughCache:
         return FollowedBlob(fill, fd, result, source)
 
     async def _follow_foreign(self, digest: Digest, source: BlobSource) -> Blob:
-        progress = ForeignFill(
-            self.store.temp_path(digest),
-            self.store.lock_path(digest),
-            lambda: self.store.has_blob(digest),
-        )
         try:
-            fd = os.open(progress.path, os.O_RDONLY)
+            fd = os.open(self.store.temp_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             # The other worker finished (or failed) between our lock attempt and now.
             handle = await self._disk(self.store.open_blob, digest)
@@ -365,6 +360,9 @@ class PullThroughCache:
                     f"blob {digest} is being filled by another worker; retry"
                 ) from None
             return CachedBlob(handle)
+        progress = ForeignFill(
+            fd, self.store.lock_path(digest), lambda: self.store.has_blob(digest)
+        )
         return FollowedBlob(progress, fd, "coalesced", source)
 
     async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:

@@ -20,9 +20,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._tasks: dict[Hashable, asyncio.Task[T]] = {}
 
-    def in_flight(self, key: Hashable) -> bool:
-        return key in self._tasks
-
     async def do(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, T]]) -> tuple[T, bool]:
         """The result of ``work()``, run once for all concurrent callers of ``key``.
 

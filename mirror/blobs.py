@@ -16,7 +16,7 @@ from .upstream import BlobResponse
 
 __all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
 
-_CACHED_READ_CHUNK = 1024 * 1024
+_CACHED_READ_CHUNK = 2 * 1024 * 1024
 
 
 class Blob:

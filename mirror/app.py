@@ -209,8 +209,9 @@ def create_app(
         upstream, repository = route(request)
         digest = parse_digest(request.path_params["digest"])
         artifact_type = request.query_params.get("artifactType")
-        body, content_type = await cache.get_referrers(upstream, repository, digest, artifact_type)
-        return Response(body, media_type=content_type)
+        found = await cache.get_referrers(upstream, repository, digest, artifact_type)
+        headers = {"OCI-Filters-Applied": found.filters_applied} if found.filters_applied else {}
+        return Response(found.body, media_type=found.content_type, headers=headers)
 
     async def catalog(request: Request) -> Response:
         _read_only(request)

@@ -43,7 +43,7 @@ from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
 from .singleflight import SingleFlight
 from .store import Store
-from .upstream import BlobResponse, FetchedManifest, Upstream
+from .upstream import BlobResponse, FetchedManifest, Referrers, Upstream
 
 __all__ = ["Manifest", "PullThroughCache"]
 
@@ -389,7 +389,7 @@ class PullThroughCache:
 
     async def get_referrers(
         self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
-    ) -> tuple[bytes, str]:
+    ) -> Referrers:
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"referrers of {digest}")
         return await upstream.get_referrers(repository, digest, artifact_type)

@@ -32,11 +32,11 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
+from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX, manifest_media_type
 from .metrics import Metrics
 from .reference import Digest, parse_digest
 
-__all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Upstream"]
+__all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Referrers", "Upstream"]
 
 log = logging.getLogger("mirror.upstream")
 
@@ -58,6 +58,13 @@ class ManifestHead:
     digest: Digest | None
     media_type: str | None
     size: int | None
+
+
+@dataclass(frozen=True)
+class Referrers:
+    body: bytes  # an OCI index, verbatim
+    content_type: str
+    filters_applied: str | None  # the upstream's OCI-Filters-Applied, e.g. "artifactType"
 
 
 @dataclass
@@ -386,7 +393,7 @@ class Upstream:
 
     async def get_referrers(
         self, repository: str, digest: Digest, artifact_type: str | None
-    ) -> tuple[bytes, str]:
+    ) -> Referrers:
         params = {"artifactType": artifact_type} if artifact_type else None
         response = await self._send(
             "GET",
@@ -402,10 +409,11 @@ class Upstream:
             await response.aclose()
         if len(body) > MAX_MANIFEST_BYTES:
             raise ManifestInvalid("referrers list too large")
-        content_type = response.headers.get(
-            "Content-Type", "application/vnd.oci.image.index.v1+json"
+        return Referrers(
+            body,
+            response.headers.get("Content-Type", OCI_INDEX),
+            response.headers.get("OCI-Filters-Applied"),
         )
-        return body, content_type
 
     async def ping(self) -> int:
         """GET /v2/ through the auth flow; the status the upstream finally answered."""

@@ -42,6 +42,7 @@ class FakeRegistry:
     halfway: asyncio.Event = field(default_factory=asyncio.Event)
     expires_in: int = 300
     headers: dict[str, str] = field(default_factory=dict)  # added to manifest answers
+    referrers: list[dict[str, object]] = field(default_factory=list)  # descriptors
 
     # content
 
@@ -123,11 +124,21 @@ class FakeRegistry:
             if not tags:
                 return httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN"}]})
             return httpx.Response(200, json={"name": name, "tags": tags})
+        if kind == "referrer":
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.referrers}
+            headers = {"Content-Type": OCI_INDEX}
+            artifact_type = request.url.params.get("artifactType")
+            if artifact_type:
+                index["manifests"] = [
+                    m for m in self.referrers if m.get("artifactType") == artifact_type
+                ]
+                headers["OCI-Filters-Applied"] = "artifactType"
+            return httpx.Response(200, json=index, headers=headers)
         return httpx.Response(404, json={"errors": [{"code": "NOT_FOUND"}]})
 
     @staticmethod
     def _kind(path: str) -> str:
-        for kind in ("manifest", "blob"):
+        for kind in ("manifest", "blob", "referrer"):
             if f"/{kind}s/" in path:
                 return kind
         if path.endswith("/tags/list"):

@@ -134,3 +134,28 @@ async def test_catalog_lists_cached_repositories(
     assert "last=library%2Fb" in page.headers["Link"]
     rest = await client.get("/v2/_catalog?n=2&last=library/b")
     assert rest.json() == {"repositories": ["org/c"]}
+
+
+async def test_referrers_are_passed_through_with_their_filter(
+    client: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    signature = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:" + "c" * 64,
+        "size": 10,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+    }
+    fake.referrers = [signature, {**signature, "artifactType": "application/spdx+json"}]
+    subject = "sha256:" + "d" * 64
+    everything = await client.get(f"/v2/library/a/referrers/{subject}")
+    assert everything.status_code == 200
+    assert everything.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+    assert len(everything.json()["manifests"]) == 2
+    filtered = await client.get(
+        f"/v2/library/a/referrers/{subject}",
+        params={"artifactType": "application/spdx+json"},
+    )
+    assert [m["artifactType"] for m in filtered.json()["manifests"]] == ["application/spdx+json"]
+    assert filtered.headers["OCI-Filters-Applied"] == "artifactType"
+    assert "OCI-Filters-Applied" not in everything.headers
+    assert fake.count("GET", "referrer") == 2

@@ -1,8 +1,10 @@
 """Benchmark: mirror against distribution's proxy mode ("reference") and the upstream itself.
 
 Run from the repository root (``bench/run`` does): ``python -m bench.harness [--quick]
-[--only STEP] [--json PATH]``.  Everything runs on 127.0.0.1 under one temporary directory
-that is removed at the end; see bench/README.md for what each step measures and how.
+[--only STEP] [--json PATH] [--upstream-rate RATE] [--upstream-latency-ms MS]``.  Everything
+runs on 127.0.0.1 under one temporary directory that is removed at the end; the caches and the
+direct cold pulls reach the upstream through a link with a bandwidth limit (bench/link.py);
+see bench/README.md for what each step measures and how.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from tests.support import skopeo
 from tests.support.images import ALL_MANIFEST_TYPES, ImageInfo, IndexInfo, write_image, write_index
 from tests.support.registry import AccessLogEntry, UpstreamRegistry, parse_access_log
 
+from .link import format_rate, parse_rate
 from .load import (
+    PULL_TIMEOUT,
     PullRun,
     blob_throughput,
     check_pulled,
@@ -45,6 +49,7 @@ from .procs import (
     MirrorServer,
     ReferenceProxy,
     RssSampler,
+    UpstreamLink,
     foreign_load,
     get_ok,
     wait_quiet,
@@ -52,7 +57,8 @@ from .procs import (
 from .report import Against, Condition, Figure, render_table, write_json
 
 MiB = 1024 * 1024
-STEPS = ("1", "2", "3", "4", "5", "6")
+STEPS = ("link", "1", "2", "3", "4", "5", "6")
+COLD_STEPS = {"1", "3", "6"}  # the steps that pull through the link (which "link" checks)
 STEP_NAMES = {
     "cold": "1",
     "warm": "2",
@@ -64,6 +70,8 @@ STEP_NAMES = {
 ACCEPT = ", ".join(ALL_MANIFEST_TYPES)
 CONCURRENT_PULLS = 10
 OTHERS_WARN = 0.10  # share of the machine's CPU used by other processes worth a warning
+DEFAULT_UPSTREAM_RATE = "100MB/s"
+LINK_TOLERANCE = 0.05  # the achieved rate of the link check must be this close to the set one
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class Plan:
     blob_rounds_single: int  #: sequential downloads of the big layer by the 1-stream client
     blob_streams: int
     blob_rounds_streams: int  #: sequential downloads by each of the parallel clients
+    link_rounds_single: int  #: link check: sequential downloads of the big layer, 1 stream
+    link_streams: int  #: link check: parallel downloads of the big layer (one each)
 
 
 FULL = Plan(
@@ -93,6 +103,8 @@ FULL = Plan(
     blob_rounds_single=6,
     blob_streams=8,
     blob_rounds_streams=2,
+    link_rounds_single=1,
+    link_streams=4,
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -102,6 +114,7 @@ QUICK = dataclasses.replace(
     wrk_seconds=3,
     blob_rounds_single=2,
     blob_rounds_streams=1,
+    link_rounds_single=3,
 )
 
 
@@ -123,7 +136,8 @@ class Images:
 
 @dataclass
 class Endpoint:
-    """Where a client pulls from: one of the two caches, or the upstream directly."""
+    """Where a client pulls from: one of the two caches, or the upstream directly (through
+    the upstream link for cold pulls, straight for warm GETs)."""
 
     name: str
     host: str
@@ -181,12 +195,18 @@ def breakdown(entries: Sequence[AccessLogEntry]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _figures(plan: Plan) -> list[Figure]:
+def _figures(plan: Plan, rate: float) -> list[Figure]:
     ref: Against = "reference"
     direct: Against = "direct"
     medium = f"{sum(plan.medium_layers) / MiB:.0f} MiB"
     large = f"{sum(plan.large_layers) / MiB:.0f} MiB"
+    link = (Condition("==", rate / 1e6, tolerance=LINK_TOLERANCE),) if rate > 0 else ()
     return [
+        Figure("link", "link_1_stream", f"upstream link: blob GET {large}, 1 stream", "MB/s", 1,
+               targets=link, applies_direct=True, subject="direct"),
+        Figure("link", "link_streams", f"upstream link: blob GET {large}, "
+               f"{plan.link_streams} streams", "MB/s", 1,
+               targets=link, applies_direct=True, subject="direct"),
         Figure("1", "cold_pull_seconds", f"cold pull {medium} (skopeo)", "s", 2,
                targets=(Condition("<=", 0.6, ref), Condition("<=", 1.2, direct)),
                applies_direct=True),
@@ -225,6 +245,8 @@ class Bench:
     plan: Plan
     work: Path
     steps: set[str]
+    rate: float  #: the upstream link's bandwidth in bytes/s, 0 for none
+    latency_ms: float  #: the upstream link's delay per connection setup
     figures: dict[str, Figure] = field(init=False)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -237,11 +259,12 @@ class Bench:
     mirror: MirrorServer = field(init=False)
     reference: ReferenceProxy = field(init=False)
     endpoints: dict[str, Endpoint] = field(init=False)
+    link: UpstreamLink | None = None  #: None when neither a rate nor a latency is set
     upstream_log_offset: int = 0
     _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.figures = {f.key: f for f in _figures(self.plan)}
+        self.figures = {f.key: f for f in _figures(self.plan, self.rate)}
 
     @property
     def pulls(self) -> Path:
@@ -341,15 +364,32 @@ class Bench:
         self.say(
             f"  images written in {setup['write_seconds']} s, pushed in {setup['push_seconds']} s"
         )
+        # Both caches and the direct cold pulls reach the upstream through the link.
+        upstream_host = self.upstream.host
+        if self.rate > 0 or self.latency_ms > 0:
+            self.link = UpstreamLink(
+                self.work / "link", self.upstream.host, self.rate, self.latency_ms
+            )
+            stack.enter_context(self.link)
+            upstream_host = self.link.host
+            self.say(
+                f"upstream link {self.link.url} -> {self.upstream.host}: "
+                f"{format_rate(self.rate)}, {self.latency_ms:g} ms per connection setup"
+            )
+        else:
+            self.say("no upstream link: caches and direct pulls reach the upstream on loopback")
         # The reference exits at start when the upstream is down: it comes second.
-        self.reference = ReferenceProxy(self.work / "reference", self.upstream.url)
+        self.reference = ReferenceProxy(self.work / "reference", f"http://{upstream_host}")
         stack.enter_context(self.reference)
-        self.mirror = MirrorServer(self.work / "mirror", self.upstream.url, _mirror_executable())
+        self.mirror = MirrorServer(
+            self.work / "mirror", f"http://{upstream_host}", _mirror_executable()
+        )
         stack.enter_context(self.mirror)
         self.endpoints = {
             "mirror": Endpoint("mirror", self.mirror.host, self.mirror),
             "reference": Endpoint("reference", self.reference.host, self.reference),
             "direct": Endpoint("direct", self.upstream.host, token=self.direct_token),
+            "direct via link": Endpoint("direct", upstream_host, token=self.direct_token),
         }
         self.say(f"mirror {self.mirror.url}, reference {self.reference.url}")
 
@@ -366,14 +406,31 @@ class Bench:
         return [self.endpoints["mirror"], self.endpoints["reference"]]
 
     def all_endpoints(self) -> list[Endpoint]:
+        """For warm GETs: direct is the upstream itself, on loopback (the ceiling)."""
         return [*self.caches(), self.endpoints["direct"]]
 
+    def cold_endpoints(self) -> list[Endpoint]:
+        """For cold pulls: direct goes through the upstream link, as the caches do."""
+        return [*self.caches(), self.endpoints["direct via link"]]
+
+    def link_meter(self, stack: ExitStack) -> CpuMeter | None:
+        """CPU of the link process during a measurement (None without a link)."""
+        if self.link is None:
+            return None
+        return stack.enter_context(CpuMeter(self.link.pid))
+
     # ------------------------------------------------------------------ pulls
+    def timeout(self, upstream_bytes: int) -> float:
+        """How long a measurement that moves ``upstream_bytes`` over the link may take."""
+        return PULL_TIMEOUT + (2 * upstream_bytes / self.rate if self.rate > 0 else 0)
+
     def pull(self, endpoint: Endpoint, repo_tag: str, image: ImageInfo, count: int) -> PullRun:
         """``count`` simultaneous skopeo pulls through ``endpoint``, checked and removed."""
         self.pulls.mkdir(parents=True, exist_ok=True)
         try:
-            run = concurrent_pulls(endpoint.host, repo_tag, self.pulls, count)
+            # the reference downloads up to count + 1 copies over the link
+            timeout = self.timeout((count + 1) * image.total_size)
+            run = concurrent_pulls(endpoint.host, repo_tag, self.pulls, count, timeout=timeout)
             wrong = [d for d in run.digests if d != image.manifest_digest]
             if wrong:
                 raise AssertionError(f"pulled {wrong[0]}, expected {image.manifest_digest}")
@@ -405,15 +462,76 @@ class Bench:
                 self.say(f"  sanity {endpoint.name}: small and multi-arch pulls verified")
 
     # ------------------------------------------------------------------ steps
+    def step_link(self) -> None:
+        """The rate the link achieves: direct GETs of the big layer through it, with curl."""
+        link = self.link
+        if link is None:
+            self.say("link: none (--upstream-rate 0, no latency): upstream on loopback")
+            return
+        plan = self.plan
+        layer = self.images.large.layers[0]
+        repository = "bench/large"
+        endpoint = self.endpoints["direct via link"]
+        self.say(
+            f"link: direct blob GETs of the {layer.size / MiB:.0f} MiB layer through the link "
+            f"({format_rate(self.rate)}, curl to /dev/null): 1 stream × "
+            f"{plan.link_rounds_single}, {plan.link_streams} streams × 1"
+        )
+        with self.attempt("link", "direct"):
+            url = f"{endpoint.url}/v2/{repository}/blobs/{layer.digest}"
+            headers = endpoint.headers(repository)
+            timeout = self.timeout(max(plan.link_rounds_single, plan.link_streams) * layer.size)
+            mark = self.log.mark()
+            with CpuMeter(link.pid) as cpu_one:
+                one = blob_throughput(
+                    url,
+                    headers,
+                    layer.size,
+                    streams=1,
+                    rounds=plan.link_rounds_single,
+                    timeout=timeout,
+                )
+            with CpuMeter(link.pid) as cpu_many:
+                many = blob_throughput(
+                    url, headers, layer.size, streams=plan.link_streams, rounds=1, timeout=timeout
+                )
+            self.watch(cpu_one, "link check, 1 stream")
+            self.watch(cpu_many, f"link check, {plan.link_streams} streams")
+            entries = self.log.since(mark)
+            self.set("link_1_stream", "direct", one.mb_per_second)
+            self.set("link_streams", "direct", many.mb_per_second)
+            self.detail(
+                "link",
+                "direct",
+                one_stream={**dataclasses.asdict(one), "link": cpu_one.as_dict()},
+                many_streams={**dataclasses.asdict(many), "link": cpu_many.as_dict()},
+                upstream_blob_bytes=blob_bytes(entries),
+                upstream_requests=breakdown(entries),
+            )
+            self.say(
+                f"  1 stream {one.mb_per_second:7.1f} MB/s (link CPU "
+                f"{cpu_one.seconds / one.wall_seconds:.0%})   {plan.link_streams} streams "
+                f"{many.mb_per_second:7.1f} MB/s (link CPU "
+                f"{cpu_many.seconds / many.wall_seconds:.0%})"
+            )
+            for run in (one, many):
+                if self.rate > 0 and abs(run.mb_per_second * 1e6 / self.rate - 1) > LINK_TOLERANCE:
+                    self.say(
+                        f"  !! the link achieved {run.mb_per_second:.1f} MB/s with {run.streams} "
+                        f"stream(s), not {format_rate(self.rate)}: cold-pull times are off"
+                    )
+
     def step_cold_pull(self) -> None:
         image = self.images.medium
         self.say(f"step 1: cold pull of bench/medium:1 ({image.total_size / MiB:.0f} MiB)")
-        for endpoint in self.all_endpoints():
+        for endpoint in self.cold_endpoints():
             with self.attempt("1", endpoint.name):
                 if endpoint.server is not None:
                     endpoint.server.cold()
                 mark = self.log.mark()
-                with CpuMeter(self.server_pid(endpoint)) as cpu:
+                with ExitStack() as stack:
+                    cpu = stack.enter_context(CpuMeter(self.server_pid(endpoint)))
+                    link_cpu = self.link_meter(stack)
                     run = self.pull(endpoint, "bench/medium:1", image, 1)
                 self.watch(cpu, f"step 1 {endpoint.name}")
                 entries = self.log.since(mark)
@@ -429,6 +547,7 @@ class Bench:
                     image_bytes=image.total_size,
                     upstream_requests=breakdown(entries),
                     server=cpu.as_dict(),
+                    link_cpu_seconds=round(link_cpu.seconds, 2) if link_cpu else None,
                 )
                 if endpoint.server is not None:
                     endpoint.server.warm.add("medium")
@@ -470,7 +589,7 @@ class Bench:
             f"step 3 (+6): {CONCURRENT_PULLS} concurrent cold pulls of bench/large:1 "
             f"({image.total_size / MiB:.0f} MiB)"
         )
-        for endpoint in self.all_endpoints():
+        for endpoint in self.cold_endpoints():
             with self.attempt("3", endpoint.name):
                 server = endpoint.server
                 if server is not None:
@@ -481,6 +600,7 @@ class Bench:
                         stack.enter_context(RssSampler(server.pid)) if server is not None else None
                     )
                     cpu = stack.enter_context(CpuMeter(self.server_pid(endpoint)))
+                    link_cpu = self.link_meter(stack)
                     run = self.pull(endpoint, "bench/large:1", image, CONCURRENT_PULLS)
                 self.watch(cpu, f"step 3 {endpoint.name}")
                 entries = self.log.since(mark)
@@ -497,6 +617,8 @@ class Bench:
                     image_bytes=image.total_size,
                     upstream_requests=breakdown(entries),
                     server=cpu.as_dict(),
+                    link_cpu_seconds=round(link_cpu.seconds, 2) if link_cpu else None,
+                    upstream_mb_per_second=round(sent / run.wall_seconds / 1e6, 1),
                 )
                 rss = ""
                 if server is not None and sampler is not None:
@@ -511,8 +633,11 @@ class Bench:
                     )
                     rss = f"   peak RSS {sampler.peak / MiB:.1f} MiB"
                 self.say(
-                    f"  {endpoint.name:9}  {run.wall_seconds:7.2f} s   upstream ×{ratio:.3f}{rss}"
-                    f"   server CPU {cpu.seconds:.1f} s, machine {cpu.machine_busy:.0%} busy"
+                    f"  {endpoint.name:9}  {run.wall_seconds:7.2f} s   upstream ×{ratio:.3f}"
+                    f" ({sent / run.wall_seconds / 1e6:.0f} MB/s){rss}"
+                    f"   server CPU {cpu.seconds:.1f} s"
+                    + (f", link CPU {link_cpu.seconds:.1f} s" if link_cpu else "")
+                    + f", machine {cpu.machine_busy:.0%} busy"
                 )
 
     def step_manifests(self) -> None:
@@ -655,16 +780,21 @@ class Bench:
         self.sanity()
         timings: dict[str, float] = {}
         for number, function in (
+            ("link", self.step_link),
             ("1", self.step_cold_pull),
             ("2", self.step_warm_pull),
             ("3", self.step_concurrent),
             ("4", self.step_manifests),
             ("5", self.step_blobs),
         ):
-            wanted = number in self.steps or (number == "3" and "6" in self.steps)
+            wanted = (
+                number in self.steps
+                or (number == "3" and "6" in self.steps)
+                or (number == "link" and bool(self.steps & COLD_STEPS))
+            )
             if not wanted:
                 continue
-            self.check_idle(f"step {number}")
+            self.check_idle("link check" if number == "link" else f"step {number}")
             started = time.monotonic()
             function()
             timings[number] = round(time.monotonic() - started, 1)
@@ -792,8 +922,25 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         metavar="STEP",
-        help="run only this step: 1-6 or cold, warm, concurrent, manifests, blobs, rss "
-        "(repeatable or comma separated; 6 runs 3, where RSS is sampled)",
+        help="run only this step: link, 1-6 or cold, warm, concurrent, manifests, blobs, rss "
+        "(repeatable or comma separated; 6 runs 3, where RSS is sampled; 1, 3 and 6 run the "
+        "link check too)",
+    )
+    parser.add_argument(
+        "--upstream-rate",
+        type=_rate_arg,
+        default=DEFAULT_UPSTREAM_RATE,
+        metavar="RATE",
+        help="bandwidth of the link between the caches (and direct cold pulls) and the "
+        "upstream, shared by all connections, e.g. 100MB/s, 50MiB/s, 1Gbit/s; 0: no link, "
+        f"loopback speed (default: {DEFAULT_UPSTREAM_RATE})",
+    )
+    parser.add_argument(
+        "--upstream-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay the link adds to each connection setup to the upstream (default: 0)",
     )
     parser.add_argument(
         "--wait-idle",
@@ -810,6 +957,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the results (default: bench/results/latest.json)",
     )
     return parser
+
+
+def _rate_arg(text: str) -> float:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _wait_idle(limit: float) -> None:
@@ -834,15 +988,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     steps = _parse_steps(args.only)
     plan = QUICK if args.quick else FULL
+    if args.upstream_latency_ms < 0:
+        raise SystemExit("bench: --upstream-latency-ms must not be negative")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     if args.wait_idle > 0:
         _wait_idle(args.wait_idle)
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
-    bench = Bench(plan=plan, work=work, steps=steps)
+    bench = Bench(
+        plan=plan,
+        work=work,
+        steps=steps,
+        rate=args.upstream_rate,
+        latency_ms=args.upstream_latency_ms,
+    )
     interrupted = False
     logs: dict[str, Any] = {}
+    link: dict[str, Any] | None = None  # the link's own counters, written when it stops
     try:
         try:
             with ExitStack() as stack:
@@ -854,6 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if hasattr(bench, "mirror"):
                 logs = bench.scan_logs()
+            link = bench.link.summary() if bench.link is not None else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if interrupted:
@@ -866,6 +1030,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if versions["mirror_uncommitted"] != "none":
         tree += f" + uncommitted ({versions['mirror_uncommitted']})"
     print(f"mirror benchmark ({plan.mode} mode), {runtime:.0f} s, mirror at {tree}")
+    if bench.link is not None:
+        print(
+            f"upstream link: {format_rate(bench.rate)} shared, "
+            f"{bench.latency_ms:g} ms per connection setup (cold pulls, direct included)"
+        )
+    else:
+        print("upstream link: none, the upstream is on loopback (--upstream-rate 0)")
     print(render_table(figures))
     for name, found in logs.items():
         if found["count"]:
@@ -886,6 +1057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runtime_seconds": round(runtime, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": dataclasses.asdict(plan),
+        "upstream_link": {
+            "rate_bytes_per_second": bench.rate,
+            "latency_ms": bench.latency_ms,
+            "summary": link,
+        },
         "versions": versions,
         "figures": [f.as_dict() for f in figures if f.measured],
         "details": bench.details,

@@ -1,8 +1,10 @@
-"""The two caches under test as processes, and what the harness reads from /proc about them.
+"""The two caches under test and the upstream link as processes, and what the harness reads
+from /proc about them.
 
 Both caches run as child processes on ``127.0.0.1:<free port>`` with their own storage under
 the harness's work directory, logs appended to a file there.  ``cold()`` stops a cache, wipes
-its storage and starts it again on the same port.
+its storage and starts it again on the same port.  The upstream link (``bench/link.py``) runs
+the same way, in front of the upstream registry.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ __all__ = [
     "MirrorServer",
     "ReferenceProxy",
     "RssSampler",
+    "UpstreamLink",
     "foreign_load",
     "get_ok",
     "io_chars",
@@ -40,6 +44,18 @@ __all__ = [
 ]
 
 STOP_TIMEOUT = 10.0
+LINK_SCRIPT = Path(__file__).with_name("link.py")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``STOP_TIMEOUT``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
 
 
 class CacheServer:
@@ -121,15 +137,8 @@ class CacheServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        if process is not None:
+            _stop(process)
 
     def cold(self) -> None:
         """Stop, wipe the storage, start again: nothing cached, nothing in memory."""
@@ -228,6 +237,89 @@ class ReferenceProxy(CacheServer):
 
     def environment(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+
+
+class UpstreamLink:
+    """``bench/link.py`` in its own process: a TCP proxy on ``127.0.0.1:<free port>`` in
+    front of ``target`` (the upstream registry) that shares ``rate`` bytes/s (0: no limit)
+    among all the bytes going back to its clients and waits ``latency_ms`` before opening each
+    connection to the target.  Ready when it has written ``LINK-READY`` to its log; at stop it
+    writes its counters (``summary``)."""
+
+    name = "link"
+
+    def __init__(self, workdir: Path, target: str, rate: float, latency_ms: float) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self.rate = rate
+        self.latency_ms = latency_ms
+        self.port = free_port()
+        self.log_path = workdir / "link.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("the upstream link is not running")
+        return self.process.pid
+
+    def start(self, timeout: float = 30) -> None:
+        argv = [sys.executable, str(LINK_SCRIPT), "--listen", self.host, "--target", self.target]
+        argv += ["--rate", repr(self.rate), "--latency-ms", repr(self.latency_ms)]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        deadline = time.monotonic() + timeout
+        while "LINK-READY" not in self.log_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the upstream link did not start:\n{self.log_text()[-2000:]}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            _stop(process)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def summary(self) -> dict[str, Any] | None:
+        """The counters it wrote when it stopped (bytes each way, connections, waits)."""
+        for line in reversed(self.log_text().splitlines()):
+            if line.startswith("LINK-SUMMARY "):
+                found: dict[str, Any] = json.loads(line.removeprefix("LINK-SUMMARY "))
+                return found
+        return None
+
+    def __enter__(self) -> UpstreamLink:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 # ---------------------------------------------------------------------------------- /proc

@@ -9,25 +9,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Against", "Condition", "Figure", "render_table", "write_json"]
+__all__ = ["Against", "Condition", "Figure", "Subject", "render_table", "write_json"]
 
 Against = Literal["abs", "reference", "direct"]
+Subject = Literal["mirror", "direct"]
 _OPS = {"<=": "≤", ">=": "≥", "==": "="}
 
 
 @dataclass(frozen=True)
 class Condition:
-    """``mirror OP factor`` (``against="abs"``) or ``mirror OP factor × reference|direct``."""
+    """``mirror OP factor`` (``against="abs"``) or ``mirror OP factor × reference|direct``
+    (``direct`` instead of ``mirror`` for a figure whose subject is ``direct``)."""
 
     op: Literal["<=", ">=", "=="]
     factor: float
     against: Against = "abs"
-    decimals: int = 2  #: ``==`` compares after rounding to this many decimals
+    decimals: int = 2  #: ``==`` compares after rounding to this many decimals ...
+    tolerance: float = 0.0  #: ... or, when set, within this share of the bound either way
 
     @property
     def text(self) -> str:
         symbol = _OPS[self.op]
         if self.against == "abs":
+            if self.op == "==" and self.tolerance:
+                return f"= {self.factor:.4g} ±{self.tolerance:.0%}"
             if self.op == "==":
                 return f"= {self.factor:.{self.decimals}f}"
             return f"{symbol} {self.factor:g}"
@@ -35,7 +40,7 @@ class Condition:
         return f"{symbol} {self.factor:g}×{short}"
 
     def check(self, figure: Figure) -> bool | None:
-        value = figure.mirror
+        value = figure.direct if figure.subject == "direct" else figure.mirror
         if value is None:
             return None
         bound = self.factor
@@ -48,12 +53,14 @@ class Condition:
             return value <= bound
         if self.op == ">=":
             return value >= bound
+        if self.tolerance:
+            return abs(value - bound) <= self.tolerance * abs(bound)
         return round(value, self.decimals) == round(bound, self.decimals)
 
 
 @dataclass
 class Figure:
-    step: str  #: "1".."6"
+    step: str  #: "link", "1".."6"
     key: str  #: stable identifier in the JSON
     label: str
     unit: str
@@ -63,6 +70,8 @@ class Figure:
     direct: float | None = None
     targets: tuple[Condition, ...] = ()
     applies_direct: bool = False
+    #: what the targets are about: the mirror, or (a figure of the setup) direct only
+    subject: Subject = "mirror"
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,6 +109,7 @@ class Figure:
             "mirror_over_reference": self.ratio,
             "target": ", ".join(c.text for c in self.targets) or None,
             "passed": self.passed,
+            "subject": self.subject,
             "notes": self.notes,
         }
 
@@ -122,15 +132,16 @@ def render_table(figures: Sequence[Figure]) -> str:
         if not f.measured:
             continue
         verdict = {True: "PASS", False: "FAIL", None: "n/a" if f.targets else ""}[f.passed]
+        caches = f.subject == "mirror"
         rows.append(
             [
                 f.step,
                 f.label,
                 f.unit,
-                _fmt(f.mirror, f.decimals),
-                _fmt(f.reference, f.decimals),
+                _fmt(f.mirror, f.decimals, caches),
+                _fmt(f.reference, f.decimals, caches),
                 _fmt(f.direct, f.decimals, f.applies_direct),
-                _fmt(f.ratio, 2),
+                _fmt(f.ratio, 2, caches),
                 ", ".join(c.text for c in f.targets),
                 verdict,
             ]

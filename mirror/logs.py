@@ -49,10 +49,12 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # mirror.access logs every request, with its cache result; uvicorn's would repeat it.
+    logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("uvicorn.error").addFilter(_DropTlsProbes())
     # httpx logs every request at INFO; the access log and metrics already say it all.
     logging.getLogger("httpx").setLevel(logging.WARNING)

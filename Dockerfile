@@ -12,7 +12,7 @@ RUN useradd --system --uid 10001 --home-dir /var/cache/mirror mirror \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config.toml /etc/mirror/config.toml
-USER mirror
+USER 10001
 VOLUME /var/cache/mirror
 EXPOSE 5000
 ENTRYPOINT ["mirror", "serve", "--config", "/etc/mirror/config.toml"]

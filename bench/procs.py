@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.ports import free_port, wait_http_ok
+from tests.support.ports import LoopbackService, free_port, wait_http_ok
 
 __all__ = [
     "CacheServer",
@@ -58,7 +58,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(STOP_TIMEOUT)
 
 
-class CacheServer:
+class CacheServer(LoopbackService):
     """A pull-through cache process the harness starts, stops and restarts cold."""
 
     #: short name used in tables and JSON ("mirror", "reference")
@@ -86,14 +86,6 @@ class CacheServer:
         return dict(os.environ)
 
     # ------------------------------------------------------------------ addresses
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
     @property
     def pid(self) -> int:
         if self.process is None:
@@ -239,7 +231,7 @@ class ReferenceProxy(CacheServer):
         return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
 
 
-class UpstreamLink:
+class UpstreamLink(LoopbackService):
     """``bench/link.py`` in its own process: a TCP proxy on ``127.0.0.1:<free port>`` in
     front of ``target`` (the upstream registry) that shares ``rate`` bytes/s (0: no limit)
     among all the bytes going back to its clients and waits ``latency_ms`` before opening each
@@ -257,14 +249,6 @@ class UpstreamLink:
         self.port = free_port()
         self.log_path = workdir / "link.log"
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     @property
     def pid(self) -> int:

@@ -383,9 +383,26 @@ class PullThroughCache:
     # listings
 
     async def get_tags(self, upstream: Upstream, repository: str) -> list[str]:
-        if self.offline:
-            raise self._offline_error(NameUnknown, f"tag list of {repository}")
-        return sorted(await upstream.get_tags(repository))
+        """The upstream's tag list; the last one fetched when it fails or we are offline."""
+        if not self.offline:
+            try:
+                tags = sorted(await upstream.get_tags(repository))
+            except _STALE_ON as exc:
+                log.warning(
+                    "upstream %s failed (%s); serving the last tag list of %s",
+                    upstream.name,
+                    exc,
+                    repository,
+                )
+            else:
+                await self._disk(self.store.put_tag_list, upstream.name, repository, tags)
+                return tags
+        cached = await self._disk(self.store.get_tag_list, upstream.name, repository)
+        if cached is None:
+            if self.offline:
+                raise self._offline_error(NameUnknown, f"tag list of {repository}")
+            raise Unavailable(f"upstream {upstream.name} failed and no tag list is cached")
+        return cached
 
     async def get_referrers(
         self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None

@@ -272,6 +272,13 @@ class Store:
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
         self._memo.put(key, TagRecord(digest, media_type, checked_at), _TAG_RECORD_SIZE)
 
+    def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
+        value = self._index.get(f"tags:{upstream}/{repository}")
+        return list(value) if value is not None else None
+
+    def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> None:
+        self._index.set(f"tags:{upstream}/{repository}", tags)
+
     def put_missing(self, key: str, ttl: float) -> None:
         """Remember an upstream 404 for ``ttl`` seconds."""
         if ttl > 0:
@@ -303,8 +310,8 @@ class Store:
                 lock.release(remove=True)
 
     def facts(self) -> tuple[int, dict[str, int], int]:
-        """Bytes on disk, entries by kind (blob, manifest, tag, missing), and the cap."""
-        entries = {"blob": 0, "manifest": 0, "tag": 0, "missing": 0}
+        """Bytes on disk, entries by kind (blob, manifest, tag, tags, missing), and the cap."""
+        entries = {"blob": 0, "manifest": 0, "tag": 0, "tags": 0, "missing": 0}
         with contextlib.closing(sqlite3.connect(self.directory / "cache.db", timeout=5)) as db:
             rows = db.execute(
                 "SELECT substr(key, 1, instr(key, ':') - 1), COUNT(*) FROM Cache GROUP BY 1"

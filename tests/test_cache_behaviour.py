@@ -213,3 +213,18 @@ async def test_eviction_under_a_small_cap_keeps_the_most_recently_used(
         response = await client.get(f"/v2/library/a/blobs/{blobs[1]}")  # evicted: fetched again
         assert response.status_code == 200
         assert fake.count("GET", "blob") == before + 1
+
+
+async def test_tag_list_is_served_stale_when_the_upstream_fails(
+    client: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    for tag in ("1", "2"):
+        fake.add_image("library/a", tag, [tag.encode()])
+    first = await client.get("/v2/library/a/tags/list")
+    assert first.json()["tags"] == ["1", "2"]
+    fake.status = 503
+    stale = await client.get("/v2/library/a/tags/list")
+    assert stale.status_code == 200
+    assert stale.json()["tags"] == ["1", "2"]
+    never = await client.get("/v2/library/b/tags/list")
+    assert never.status_code == 503

@@ -150,3 +150,9 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededUpstream]
         registry.push_image(multi, "library/multi:1")
         registry.push_image(large, "library/large:1")
         yield SeededUpstream(registry, single, docker, multi, large)
+
+
+async def fills_settled(client: httpx.AsyncClient) -> None:
+    """Wait until no fill is under way: a reader may finish before its fill is adopted."""
+    while "\nmirror_fills_in_flight 0.0" not in (await client.get("/metrics")).text:
+        await asyncio.sleep(0)

@@ -13,7 +13,7 @@ import pytest
 
 from mirror.app import create_app
 from mirror.manifest import OCI_MANIFEST
-from tests.conftest import Clock, app_client, live_server, make_settings
+from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 
 pytestmark = pytest.mark.anyio
@@ -204,8 +204,10 @@ async def test_eviction_under_a_small_cap_keeps_the_most_recently_used(
     async with app_client(app) as client:
         for digest in blobs[:3]:
             await client.get(f"/v2/library/a/blobs/{digest}")
+            await fills_settled(client)
         await client.get(f"/v2/library/a/blobs/{blobs[0]}")  # keep the first one warm
         await client.get(f"/v2/library/a/blobs/{blobs[3]}")  # over the cap: evict the LRU
+        await fills_settled(client)
         before = fake.count("GET", "blob")
         await client.get(f"/v2/library/a/blobs/{blobs[0]}")
         await client.get(f"/v2/library/a/blobs/{blobs[3]}")

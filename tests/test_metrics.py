@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mirror.app import create_app
 from mirror.logs import configure_logging
 from mirror.manifest import OCI_MANIFEST
-from tests.conftest import Clock, app_client, live_server, make_settings
+from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 
 pytestmark = pytest.mark.anyio
@@ -57,6 +57,7 @@ async def test_a_miss_then_a_hit_move_the_counters_exactly(
     before = await scrape(client)
     await client.get("/v2/library/a/manifests/1", headers=ACCEPT)
     await client.get(f"/v2/library/a/blobs/{blob}")
+    await fills_settled(client)
     after_miss = await scrape(client)
     assert cache(after_miss, "manifest", "miss") - cache(before, "manifest", "miss") == 1
     assert cache(after_miss, "blob", "miss") - cache(before, "blob", "miss") == 1
@@ -175,6 +176,7 @@ async def test_evictions_and_digest_mismatches_are_counted(
             await client.get(f"/v2/library/a/blobs/{digest}")
         with pytest.raises(httpx.HTTPError):
             await client.get(f"/v2/library/a/blobs/{bad}")
+        await fills_settled(client)
         samples = await scrape(client)
     assert value(samples, "mirror_cache_evictions_total") == 1
     assert value(samples, "mirror_digest_mismatches_total", kind="blob") == 1

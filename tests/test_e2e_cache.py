@@ -79,6 +79,7 @@ def test_kill_9_mid_fill_leaves_no_partial_entry_and_pulls_succeed_after_restart
         _cached_blobs_verify(cache_dir)
         expected = seeded.registry.manifest_digest("library/large", "1")
         assert skopeo.copy_to_dir(mirror.ref("library/large:1"), tmp_path / "out") == expected
+        mirror.wait_fills_settled()
         assert _cached_blobs_verify(cache_dir) == 2  # the config and the layer
 
 

@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import httpx
 
 from tests.support.ports import LoopbackService, free_port, wait_http_ok
 
@@ -128,6 +131,13 @@ class MirrorProcess(LoopbackService):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+    def wait_fills_settled(self, timeout: float = 60) -> None:
+        """Until no fill is under way: a client can be done before its fill is adopted."""
+        deadline = time.monotonic() + timeout
+        while "\nmirror_fills_in_flight 0.0" not in httpx.get(f"{self.url}/metrics").text:
+            if time.monotonic() > deadline:
+                raise TimeoutError("fills still in flight")
 
     def pids(self) -> list[int]:
         """The server process and its worker children."""

@@ -341,17 +341,20 @@ class Upstream:
         async def chunks() -> AsyncIterator[bytes]:
             # httpx's own re-chunking (aiter_raw(n)) costs twice the CPU of the
             # transfer itself; gathering the network's pieces into one join is cheap.
-            to_skip, pending, pending_size = skip, list[bytes](), 0
+            # Bytes are counted per chunk too: a metric update costs more than a piece.
+            to_skip, pending, pending_size, received = skip, list[bytes](), 0, 0
             try:
                 async for piece in response.aiter_raw():
-                    self._count_bytes(len(piece))
+                    received += len(piece)
                     if to_skip:
                         piece, to_skip = piece[to_skip:], max(to_skip - len(piece), 0)
                     pending.append(piece)
                     pending_size += len(piece)
                     if pending_size >= _BLOB_CHUNK:
+                        self._count_bytes(received)
                         yield b"".join(pending)
-                        pending, pending_size = [], 0
+                        pending, pending_size, received = [], 0, 0
+                self._count_bytes(received)
                 if pending_size:
                     yield b"".join(pending)
             except httpx.HTTPError as exc:

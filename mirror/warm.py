@@ -59,15 +59,16 @@ class _Image:
         platforms: list[Platform] | None,
         blob_slots: asyncio.Semaphore,
         summary: WarmSummary,
-        show_progress: bool,
+        total_bar: tqdm[NoReturn] | None,
     ) -> None:
         self.cache = cache
         self.reference = reference
         self.platforms = platforms
         self.blob_slots = blob_slots
         self.summary = summary
-        self.show_progress = show_progress
+        self.total_bar = total_bar
         self.bar: tqdm[NoReturn] | None = None
+        self.layers_total = self.layers_done = 0
 
     async def run(self) -> None:
         upstream, repository = self.cache.route(self.reference.path_name)
@@ -86,26 +87,30 @@ class _Image:
             if not wanted:
                 choices = ", ".join(str(c.platform) for c in children(top.body) if c.platform)
                 raise ValueError(f"no manifest for the platforms asked for (it has {choices})")
+            images = []
             for child in wanted:
                 manifest = await self.cache.get_manifest(
                     upstream, repository, child.digest, MANIFEST_TYPES
                 )
                 self._count_manifest(manifest.result, len(manifest.body))
                 images.append(manifest.body)
-            images = images[1:]
         blobs = {d.digest: d for body in images for d in referenced_blobs(body)}
         total = sum(d.size for d in blobs.values())
-        if self.show_progress:
+        self.layers_total = len(blobs)
+        if self.total_bar is not None:
+            self.total_bar.total = (self.total_bar.total or 0) + total
+            self.total_bar.refresh()
             self.bar = tqdm(
                 total=total, desc=str(self.reference), unit="B", unit_scale=True, leave=True
             )
+            self.bar.set_postfix_str(f"blobs 0/{len(blobs)}")
         try:
             await asyncio.gather(*(self._blob(upstream, repository, d) for d in blobs.values()))
         finally:
             if self.bar is not None:
                 self.bar.close()
         self.summary.images += 1
-        if not self.show_progress:
+        if self.total_bar is None:
             print(f"warmed {self.reference}: {len(blobs)} blobs, {_size(total)}", flush=True)
 
     def _count_manifest(self, result: str, size: int) -> None:
@@ -127,10 +132,14 @@ class _Image:
                     self.summary.bytes_fetched += len(chunk)
                     self._advance(len(chunk))
         self.summary.blobs += 1
+        self.layers_done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"blobs {self.layers_done}/{self.layers_total}")
 
     def _advance(self, n: int) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.total_bar is not None:
             self.bar.update(n)
+            self.total_bar.update(n)
 
 
 async def warm(
@@ -144,13 +153,18 @@ async def warm(
     summary = WarmSummary()
     slots = asyncio.Semaphore(concurrency)
     progress = sys.stderr.isatty() if show_progress is None else show_progress
+    total_bar = tqdm(total=0, desc="total", unit="B", unit_scale=True) if progress else None
 
     async def one(reference: ImageReference) -> None:
         try:
-            await _Image(cache, reference, platforms, slots, summary, progress).run()
+            await _Image(cache, reference, platforms, slots, summary, total_bar).run()
         except (OCIError, ValueError) as exc:
             summary.failures.append((str(reference), str(exc)))
 
-    await asyncio.gather(*(one(r) for r in references))
-    await cache.drain()
+    try:
+        await asyncio.gather(*(one(r) for r in references))
+        await cache.drain()
+    finally:
+        if total_bar is not None:
+            total_bar.close()
     return summary

@@ -230,3 +230,32 @@ async def test_tag_list_is_served_stale_when_the_upstream_fails(
     assert stale.json()["tags"] == ["1", "2"]
     never = await client.get("/v2/library/b/tags/list")
     assert never.status_code == 503
+
+
+async def test_a_blob_evicted_while_it_is_read_is_still_read_whole(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    settings = make_settings(tmp_path)
+    small = replace(settings, cache=replace(settings.cache, max_size=6 * 1024 * 1024))
+    first = os.urandom(4 * 1024 * 1024)
+    digest = fake.add_blob(first)
+    other = fake.add_blob(os.urandom(4 * 1024 * 1024))
+    app = create_app(small, upstream_transport=httpx.MockTransport(fake))
+    async with live_server(app) as server, httpx.AsyncClient(base_url=server.url) as client:
+        await client.get(f"/v2/library/a/blobs/{digest}")
+        await fills_settled(client)
+        hasher = hashlib.sha256()
+        async with client.stream("GET", f"/v2/library/a/blobs/{digest}") as reading:
+            pieces = reading.aiter_bytes()
+            hasher.update(await anext(pieces))
+            # Another blob pushes this one out of the cache while it is being read.
+            await client.get(f"/v2/library/a/blobs/{other}")
+            await fills_settled(client)
+            evicted = await client.get("/metrics")
+            assert "mirror_cache_evictions_total 1.0" in evicted.text
+            async for piece in pieces:
+                hasher.update(piece)
+        assert "sha256:" + hasher.hexdigest() == digest
+        fetched = fake.count("GET", "blob")
+        await client.get(f"/v2/library/a/blobs/{digest}")
+        assert fake.count("GET", "blob") == fetched + 1  # it really was the one evicted

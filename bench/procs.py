@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.ports import LoopbackService, free_port, wait_http_ok
+from tests.support.ports import LoopbackService, Service, free_port, wait_http_ok
 
 __all__ = [
     "CacheServer",
@@ -58,7 +58,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(STOP_TIMEOUT)
 
 
-class CacheServer(LoopbackService):
+class CacheServer(LoopbackService, Service):
     """A pull-through cache process the harness starts, stops and restarts cold."""
 
     #: short name used in tables and JSON ("mirror", "reference")
@@ -138,18 +138,6 @@ class CacheServer(LoopbackService):
         shutil.rmtree(self.storage, ignore_errors=True)
         self.warm.clear()
         self.start()
-
-    def __enter__(self) -> CacheServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_text(self) -> str:
         try:
@@ -231,7 +219,7 @@ class ReferenceProxy(CacheServer):
         return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
 
 
-class UpstreamLink(LoopbackService):
+class UpstreamLink(LoopbackService, Service):
     """``bench/link.py`` in its own process: a TCP proxy on ``127.0.0.1:<free port>`` in
     front of ``target`` (the upstream registry) that shares ``rate`` bytes/s (0: no limit)
     among all the bytes going back to its clients and waits ``latency_ms`` before opening each
@@ -292,18 +280,6 @@ class UpstreamLink(LoopbackService):
                 found: dict[str, Any] = json.loads(line.removeprefix("LINK-SUMMARY "))
                 return found
         return None
-
-    def __enter__(self) -> UpstreamLink:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------------------- /proc

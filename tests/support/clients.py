@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.ports import process_output_tail
+from tests.support.ports import Service, process_output_tail
 
 __all__ = [
     "DOC",
@@ -250,7 +250,7 @@ def _clean_environ(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------ daemons
 
 
-class Daemon:
+class Daemon(Service):
     """A daemon in a temporary directory of its own; subclasses say how to run and probe it."""
 
     name = "daemon"
@@ -333,19 +333,6 @@ class Daemon:
         finally:
             unmount_under(self.workdir)
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Daemon:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class DockerDaemon(Daemon):

@@ -10,12 +10,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from tests.support.ports import LoopbackService, free_port, wait_http_ok
+from tests.support.ports import LoopbackService, Service, free_port, wait_http_ok
 
 
 def _toml_value(value: Any) -> str:
@@ -51,7 +50,7 @@ def write_config(
     path.write_text("\n".join(lines) + "\n")
 
 
-class MirrorProcess(LoopbackService):
+class MirrorProcess(LoopbackService, Service):
     """Starts ``python -m mirror serve``; stops it (gracefully or with kill -9)."""
 
     def __init__(
@@ -139,6 +138,11 @@ class MirrorProcess(LoopbackService):
             if time.monotonic() > deadline:
                 raise TimeoutError("fills still in flight")
 
+    def close(self) -> None:
+        self.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def pids(self) -> list[int]:
         """The server process and its worker children."""
         if self.process is None:
@@ -148,16 +152,6 @@ class MirrorProcess(LoopbackService):
         if children.exists():
             pids += [int(p) for p in children.read_text().split()]
         return pids
-
-    def __enter__(self) -> MirrorProcess:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -6,7 +6,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -115,3 +116,30 @@ class LoopbackService:
     def ref(self, repo_ref: str) -> str:
         """skopeo reference: ``ref("library/x:1")`` -> ``docker://127.0.0.1:PORT/library/x:1``."""
         return f"docker://{self.host}/{repo_ref}"
+
+
+class Service:
+    """Something a test starts and must stop: ``with`` starts it, and closes it on the
+    way out or when starting fails half-way. ``close`` is ``stop`` plus any cleanup."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

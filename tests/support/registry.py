@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import bcrypt
@@ -39,7 +38,7 @@ import httpx
 
 from . import skopeo
 from .images import ALL_MANIFEST_TYPES, ImageInfo, IndexInfo
-from .ports import LoopbackService, free_port, wait_http_ok
+from .ports import LoopbackService, Service, free_port, wait_http_ok
 from .token_server import DEFAULT_ISSUER, DEFAULT_SERVICE, TokenServer
 
 __all__ = ["AccessLogEntry", "AuthMode", "RegistryAuth", "UpstreamRegistry", "parse_access_log"]
@@ -199,7 +198,7 @@ class RegistryAuth(httpx.Auth):
             yield request
 
 
-class UpstreamRegistry(LoopbackService):
+class UpstreamRegistry(LoopbackService, Service):
     """A ``docker-registry`` process (plus token server in ``"token"`` mode).
 
     Use as a context manager (``start()`` / ``close()``).  :meth:`stop` and :meth:`start` stop
@@ -356,21 +355,6 @@ class UpstreamRegistry(LoopbackService):
                 self.token_server.stop()
             if self._owns_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> UpstreamRegistry:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ----------------------------------------------------------------- access log
     def _read_log(self) -> list[AccessLogEntry]:

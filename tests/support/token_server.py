@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -39,6 +38,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from .ports import Service
 
 __all__ = [
     "Access",
@@ -130,7 +131,7 @@ def _make_key_and_cert(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certif
     return key, cert
 
 
-class TokenServer:
+class TokenServer(Service):
     """Token server on ``127.0.0.1:<free port>`` served by uvicorn in a background thread.
 
     ``users`` maps user names to passwords accepted as Basic credentials.  ``expires_in`` is
@@ -382,14 +383,3 @@ class TokenServer:
         self._sock = None
         self._server = None
         self._thread = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

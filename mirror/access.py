@@ -74,6 +74,7 @@ class AccessLog:
         state = scope.get("state") or {}
         result = state.get("cache_result", "-")
         upstream = state.get("upstream", "-")
+        user = state.get("user") or "-"
         self.metrics.requests.labels(route, method, str(status)).inc()
         self.metrics.request_seconds.labels(route).observe(seconds)
         if sent and result != "-":
@@ -92,9 +93,10 @@ class AccessLog:
             "duration_seconds": round(seconds, 6),
             "cache": result,
             "upstream": upstream,
+            "user": user,
         }
         log.info(
-            '%s "%s %s" %d %dB %.3fs cache=%s upstream=%s',
+            '%s "%s %s" %d %dB %.3fs cache=%s upstream=%s user=%s',
             remote,
             method,
             target,
@@ -103,5 +105,6 @@ class AccessLog:
             seconds,
             result,
             upstream,
+            user,
             extra={"access": fields},
         )

@@ -36,6 +36,7 @@ from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, parse_reference
 from .service import Manifest, PullThroughCache
 from .upstream import Upstream
+from .web_auth import Gate
 
 __all__ = ["create_app"]
 
@@ -158,6 +159,8 @@ def create_app(
     """The mirror as an ASGI app. Tests pass a transport that reaches a fake upstream."""
     cache = PullThroughCache.from_settings(settings, transport=upstream_transport, now=now)
     store, metrics = cache.store, cache.metrics
+    gate = Gate(settings, metrics, now=now)
+    guard = gate.guard
 
     def route(request: Request) -> tuple[Upstream, str]:
         upstream, repository = cache.route(
@@ -166,6 +169,7 @@ def create_app(
         request.state.upstream = upstream.name
         if request.query_params.get("ns"):
             request.state.namespace = upstream.name
+        gate.authorize(request, upstream.name, repository)
         return upstream, repository
 
     async def api_root(request: Request) -> Response:
@@ -248,19 +252,22 @@ def create_app(
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     routes = [
-        Route("/v2/", api_root, methods=every),
-        Route("/v2/_catalog", catalog, methods=every),
-        Route("/v2/{name:path}/manifests/{reference}", manifest, methods=every),
-        Route("/v2/{name:path}/blobs/uploads/{rest:path}", unknown, methods=every),
-        Route("/v2/{name:path}/blobs/{digest}", blob, methods=every),
-        Route("/v2/{name:path}/tags/list", tags, methods=every),
-        Route("/v2/{name:path}/referrers/{digest}", referrers, methods=every),
-        Route("/v2/{rest:path}", unknown, methods=every),
+        Route("/v2/", guard(api_root, "base"), methods=every),
+        Route("/v2/_catalog", guard(catalog), methods=every),
+        Route("/v2/{name:path}/manifests/{reference}", guard(manifest), methods=every),
+        Route("/v2/{name:path}/blobs/uploads/{rest:path}", guard(unknown), methods=every),
+        Route("/v2/{name:path}/blobs/{digest}", guard(blob), methods=every),
+        Route("/v2/{name:path}/tags/list", guard(tags), methods=every),
+        Route("/v2/{name:path}/referrers/{digest}", guard(referrers), methods=every),
+        Route("/v2/{rest:path}", guard(unknown), methods=every),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
     ]
+    if gate.tokens is not None:
+        routes.append(Route("/token", gate.token_endpoint, methods=["GET", "POST"]))
     if settings.server.metrics_address is None:
-        routes.append(Route("/metrics", metrics_endpoint))
+        # With auth on, request counts and upstream health are for users, not anyone.
+        routes.append(Route("/metrics", guard(metrics_endpoint, "user")))
     app = Starlette(
         routes=routes,
         exception_handlers={OCIError: _oci_error, Exception: _internal_error},

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "AuthSettings",
     "CacheSettings",
     "ConfigError",
     "ServerSettings",
@@ -76,10 +77,31 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """Client authentication; off unless ``htpasswd`` names a file."""
+
+    htpasswd: Path | None = None  # bcrypt htpasswd file, reread when it changes
+    realm: str = "mirror"  # the Basic challenge's realm
+    tokens: bool = False  # challenge with Bearer and issue tokens at /token
+    service: str = "mirror"  # the tokens' audience, named in the Bearer challenge
+    token_realm: str | None = None  # the /token URL clients use; default: from the request
+    token_ttl: float = 300.0  # seconds an access token is good for
+    refresh_token_ttl: float = 30 * 86400.0  # seconds (docker login keeps it as identitytoken)
+    token_key: str | None = field(default=None, repr=False)  # from token_key_env
+    failed_logins: int = 5  # failures an address may make before it is throttled
+    failed_login_window: float = 60.0  # seconds in which failed_logins are forgiven
+
+    @property
+    def enabled(self) -> bool:
+        return self.htpasswd is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     upstreams: tuple[UpstreamSettings, ...]
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
+    auth: AuthSettings = AuthSettings()
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -243,7 +265,7 @@ def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if len(parts) != 2:
             continue
         section, rest = parts
-        if section in ("server", "cache"):
+        if section in ("server", "cache", "auth"):
             data.setdefault(section, {})[rest] = value
         elif section == "upstreams":
             index, _, name = rest.partition("_")
@@ -257,7 +279,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if "upstreams" in data and isinstance(data["upstreams"], list):
         data["upstreams"] = [dict(u) if isinstance(u, dict) else u for u in data["upstreams"]]
     _overrides(data, environ)
-    _check_keys(data, {"server", "cache", "upstreams"}, "")
+    _check_keys(data, {"server", "cache", "upstreams", "auth"}, "")
 
     server_raw = _table(data.get("server", {}), "server")
     _check_keys(server_raw, {f.name for f in fields(ServerSettings)}, "server.")
@@ -308,7 +330,56 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError("upstreams", f"upstream name {name!r} appears more than once")
-    return Settings(upstreams=upstreams, server=server, cache=cache)
+    auth = _auth(_table(data.get("auth", {}), "auth"), environ)
+    return Settings(upstreams=upstreams, server=server, cache=cache, auth=auth)
+
+
+_AUTH_KEYS = {f.name for f in fields(AuthSettings)} - {"token_key"} | {"token_key_env"}
+
+
+def _auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
+    _check_keys(raw, _AUTH_KEYS, "auth.")
+    d = AuthSettings()
+    htpasswd = None
+    if raw.get("htpasswd"):
+        htpasswd = Path(_str(raw["htpasswd"], "auth.htpasswd"))
+        if not htpasswd.is_file():
+            raise ConfigError("auth.htpasswd", f"no such file {str(htpasswd)!r}")
+    token_key = None
+    if "token_key_env" in raw:
+        variable = _str(raw["token_key_env"], "auth.token_key_env")
+        token_key = environ.get(variable) or None
+        if token_key is None:
+            raise ConfigError("auth.token_key_env", f"the environment variable {variable} is unset")
+        if len(token_key) < 32:
+            raise ConfigError("auth.token_key_env", f"{variable} must hold at least 32 characters")
+    token_realm = raw.get("token_realm") or None
+    if token_realm is not None:
+        parts = urlsplit(_str(token_realm, "auth.token_realm"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("auth.token_realm", f"expected an http(s) URL, got {token_realm!r}")
+    for name in ("realm", "service"):
+        value = _str(raw.get(name, getattr(d, name)), f"auth.{name}")
+        if '"' in value or "\\" in value or not value.isprintable():
+            raise ConfigError(f"auth.{name}", "must be printable, without quotes or backslashes")
+    return AuthSettings(
+        htpasswd=htpasswd,
+        realm=_str(raw.get("realm", d.realm), "auth.realm"),
+        tokens=_bool(raw.get("tokens", d.tokens), "auth.tokens"),
+        service=_str(raw.get("service", d.service), "auth.service"),
+        token_realm=token_realm,
+        token_ttl=parse_duration(raw.get("token_ttl", d.token_ttl), "auth.token_ttl"),
+        refresh_token_ttl=parse_duration(
+            raw.get("refresh_token_ttl", d.refresh_token_ttl), "auth.refresh_token_ttl"
+        ),
+        token_key=token_key,
+        failed_logins=_int(
+            raw.get("failed_logins", d.failed_logins), "auth.failed_logins", minimum=1
+        ),
+        failed_login_window=parse_duration(
+            raw.get("failed_login_window", d.failed_login_window), "auth.failed_login_window"
+        ),
+    )
 
 
 def load(path: Path, environ: Mapping[str, str]) -> Settings:

@@ -138,6 +138,19 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.auth_denials = Counter(
+            "mirror_auth_denials_total",
+            "Client requests refused by authentication or access rules, by reason "
+            "(unauthenticated, bad_credentials, bad_token, throttled, forbidden).",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "mirror_rate_limited_total",
+            "Client requests refused by a per-client budget (requests, upstream).",
+            ["budget"],
+            registry=r,
+        )
         if self._multiprocess_dir is None:
             self.registry.register(_CacheCollector(facts))
 

@@ -7,42 +7,87 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mirror"
 # Each module may import only the modules of lower layers (and of its own layer).
+# Modules of sub-packages are named with dots: "security.users".
 LAYERS = [
     {"errors", "reference", "singleflight", "breaker", "locks", "config", "logs", "metrics"},
-    {"manifest", "images", "auth", "store"},
+    {
+        "manifest",
+        "images",
+        "auth",
+        "store",
+        "security.users",
+        "security.tokens",
+        "security.limits",
+    },
     {"upstream", "fill", "blobs"},
     {"service"},
-    {"warm", "layout", "access"},
+    {"warm", "layout", "access", "web_auth"},
     {"app"},
     {"cli", "__main__"},
 ]
+# The modules that may import Starlette: the web layer.
+WEB = {"app", "access", "web_auth"}
 
 
-def _imports(module: Path) -> set[str]:
+def _modules() -> dict[str, Path]:
+    """Every module of the package, sub-packages included, by dotted name."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.stem == "__init__":
+            continue
+        modules[".".join(path.relative_to(PACKAGE).with_suffix("").parts)] = path
+    return modules
+
+
+def _resolve(name: str, known: set[str]) -> str:
+    """A module of the package, or the package it names (``security``)."""
+    parts = name.split(".")
+    while parts and ".".join(parts) not in known:
+        parts.pop()
+    return ".".join(parts) or name
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    package = name.split(".")[:-1]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            names.add(node.module.split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            for alias in node.names if not node.module else [None]:
+                full = [*target, alias.name] if alias is not None else target
+                names.add(_resolve(".".join(full), known))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mirror."):
-            names.add(node.module.split(".")[1])
+            names.add(_resolve(node.module.removeprefix("mirror."), known))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("mirror."):
+                    names.add(_resolve(alias.name.removeprefix("mirror."), known))
     return names
 
 
 def test_no_module_imports_a_higher_layer() -> None:
     level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    modules = _modules()
     assert set(modules) == set(level), "every module belongs to a layer"
     wrong = [
         f"{name} imports {other}"
         for name, path in modules.items()
-        for other in _imports(path)
-        if level[other] > level[name]
+        for other in _imports(name, path, set(modules))
+        if other in level and level[other] > level[name]
     ]
     assert wrong == []
 
 
+def test_relative_imports_in_sub_packages_are_resolved() -> None:
+    modules = _modules()
+    known = set(modules)
+    assert "singleflight" in _imports("security.users", modules["security.users"], known)
+    assert "security.users" in _imports("web_auth", modules["web_auth"], known)
+
+
 def test_only_the_web_layer_knows_starlette() -> None:
-    for path in PACKAGE.glob("*.py"):
-        if path.stem in ("app", "access"):
+    for name, path in _modules().items():
+        if name in WEB:
             continue
-        assert "starlette" not in path.read_text(), path.name
+        assert "starlette" not in path.read_text(), name

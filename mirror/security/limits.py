@@ -1,0 +1,82 @@
+"""Token buckets: request budgets per client and the throttle on failed logins.
+
+A bucket holds up to ``burst`` tokens and gains ``rate`` tokens a second; a request
+takes one, or learns how long until one is there (its ``Retry-After``). Buckets live
+in the worker's memory: with ``--workers N`` each worker keeps its own, so a client
+may get up to N times the configured budget. (A token bucket is a few lines; the
+libraries for it bring storage back ends this mirror does not need.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Buckets", "TokenBucket", "retry_after"]
+
+_MAX_BUCKETS = 10_000  # beyond this, buckets back to full are forgotten
+
+
+@dataclass
+class TokenBucket:
+    burst: float
+    rate: float  # tokens per second
+    tokens: float
+    updated: float
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there (0: one is there now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self, now: float) -> float:
+        """Take a token; or, if none is there, the seconds until one is (nothing taken)."""
+        wait = self.wait(now)
+        if wait == 0:
+            self.tokens -= 1
+        return wait
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.burst
+
+
+class Buckets:
+    """One token bucket per key (a client address, a user), created full."""
+
+    def __init__(
+        self, rate: float, burst: float, *, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._now = now
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, key: str) -> TokenBucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:
+                now = self._now()
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
+            bucket = TokenBucket(self.burst, self.rate, self.burst, self._now())
+            self._buckets[key] = bucket
+        return bucket
+
+    def take(self, key: str) -> float:
+        return self._bucket(key).take(self._now())
+
+    def wait(self, key: str) -> float:
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.wait(self._now())
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, at least one."""
+    return str(max(1, math.ceil(seconds)))

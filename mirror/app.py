@@ -220,7 +220,8 @@ def create_app(
     async def catalog(request: Request) -> Response:
         _read_only(request)
         n = _page_size(request, 100)
-        names = await cache.catalog(n + 1, request.query_params.get("last"))
+        visible = gate.catalog_filter(request, cache.route)
+        names = await cache.catalog(n + 1, request.query_params.get("last"), visible)
         page, more = names[:n], len(names) > n
         headers = {"Link": _next_link(request, n, page[-1])} if more and page else {}
         return JSONResponse({"repositories": page}, headers=headers)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .security.rules import Rule, compile_pattern
+
 __all__ = [
     "AuthSettings",
     "CacheSettings",
@@ -90,6 +92,9 @@ class AuthSettings:
     token_key: str | None = field(default=None, repr=False)  # from token_key_env
     failed_logins: int = 5  # failures an address may make before it is throttled
     failed_login_window: float = 60.0  # seconds in which failed_logins are forgiven
+    anonymous: tuple[str, ...] = ()  # repository patterns clients without credentials may pull
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group → users
+    rules: tuple[Rule, ...] | None = None  # None: every user may pull everything
 
     @property
     def enabled(self) -> bool:
@@ -330,21 +335,74 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError("upstreams", f"upstream name {name!r} appears more than once")
-    auth = _auth(_table(data.get("auth", {}), "auth"), environ)
+    auth = _auth(_table(data.get("auth", {}), "auth"), environ, upstreams)
     return Settings(upstreams=upstreams, server=server, cache=cache, auth=auth)
 
 
 _AUTH_KEYS = {f.name for f in fields(AuthSettings)} - {"token_key"} | {"token_key_env"}
 
 
-def _auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
+def _names(value: object, key: str) -> tuple[str, ...]:
+    """A list of strings; from the environment, a comma-separated string."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _patterns(value: object, key: str, upstreams: tuple[UpstreamSettings, ...]) -> tuple[str, ...]:
+    patterns = _names(value, key)
+    for pattern in patterns:
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        first = compile_pattern(pattern.split("/", 1)[0] + "/x")
+        if not any(first.fullmatch(f"{u.name}/x") for u in upstreams):
+            raise ConfigError(key, f"{pattern!r} names no configured upstream")
+    return patterns
+
+
+def _access(
+    raw: Mapping[str, Any], upstreams: tuple[UpstreamSettings, ...]
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]], tuple[Rule, ...] | None]:
+    anonymous = _patterns(raw.get("anonymous", []), "auth.anonymous", upstreams)
+    groups = {
+        str(name): _names(members, f"auth.groups.{name}")
+        for name, members in _table(raw.get("groups", {}), "auth.groups").items()
+    }
+    if "rules" not in raw:
+        return anonymous, groups, None
+    if not isinstance(raw["rules"], list):
+        raise ConfigError("auth.rules", "expected [[auth.rules]] tables")
+    rules = []
+    for i, entry in enumerate(raw["rules"]):
+        key = f"auth.rules[{i}]"
+        entry = _table(entry, key)
+        _check_keys(entry, {"users", "repositories"}, f"{key}.")
+        users = _names(entry.get("users"), f"{key}.users")
+        for who in users:
+            if who.startswith("group:") and who.removeprefix("group:") not in groups:
+                raise ConfigError(f"{key}.users", f"{who!r}: no such group in auth.groups")
+        repositories = _patterns(entry.get("repositories"), f"{key}.repositories", upstreams)
+        rules.append(Rule(users, repositories))
+    return anonymous, groups, tuple(rules)
+
+
+def _auth(
+    raw: Mapping[str, Any], environ: Mapping[str, str], upstreams: tuple[UpstreamSettings, ...]
+) -> AuthSettings:
     _check_keys(raw, _AUTH_KEYS, "auth.")
+    anonymous, groups, rules = _access(raw, upstreams)
     d = AuthSettings()
     htpasswd = None
     if raw.get("htpasswd"):
         htpasswd = Path(_str(raw["htpasswd"], "auth.htpasswd"))
         if not htpasswd.is_file():
             raise ConfigError("auth.htpasswd", f"no such file {str(htpasswd)!r}")
+    elif anonymous or rules is not None:
+        raise ConfigError("auth.htpasswd", "access rules need client authentication (a file)")
     token_key = None
     if "token_key_env" in raw:
         variable = _str(raw["token_key_env"], "auth.token_key_env")
@@ -379,6 +437,9 @@ def _auth(raw: Mapping[str, Any], environ: Mapping[str, str]) -> AuthSettings:
         failed_login_window=parse_duration(
             raw.get("failed_login_window", d.failed_login_window), "auth.failed_login_window"
         ),
+        anonymous=anonymous,
+        groups=groups,
+        rules=rules,
     )
 
 

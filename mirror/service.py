@@ -411,11 +411,15 @@ class PullThroughCache:
             raise self._offline_error(ManifestUnknown, f"referrers of {digest}")
         return await upstream.get_referrers(repository, digest, artifact_type)
 
-    async def catalog(self, n: int, last: str | None) -> list[str]:
+    async def catalog(
+        self, n: int, last: str | None, visible: Callable[[str], bool] | None = None
+    ) -> list[str]:
         def page() -> list[str]:
             names: list[str] = []
             for name in self.store.repositories():
                 if last is not None and name <= last:
+                    continue
+                if visible is not None and not visible(name):
                     continue
                 names.append(name)
                 if len(names) >= n:

@@ -30,11 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .config import Settings
-from .errors import Denied, TooManyRequests, Unauthorized, Unsupported
+from .errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
 from .metrics import Metrics
 from .security.limits import Buckets, retry_after
+from .security.rules import Authorizer
 from .security.tokens import TokenError, TokenIssuer, load_or_create_key
 from .security.users import Users
+from .upstream import Upstream
 
 __all__ = ["Gate", "Principal"]
 
@@ -92,6 +94,7 @@ class Gate:
                 now=wall,
             )
         self._now = wall
+        self.rules = Authorizer(auth.anonymous, auth.rules, auth.groups)
         self.throttle = Buckets(
             auth.failed_logins / auth.failed_login_window if auth.failed_login_window else 1e9,
             auth.failed_logins,
@@ -102,10 +105,27 @@ class Gate:
 
     @property
     def anonymous_reads_anything(self) -> bool:
-        return False
+        return self.rules.anonymous_reads_anything
 
     def may_read(self, principal: Principal, upstream: str, repository: str) -> bool:
-        return not self.enabled or principal.user is not None
+        return not self.enabled or self.rules.may_read(principal.user, upstream, repository)
+
+    def catalog_filter(
+        self, request: Request, route: Callable[[str], tuple[Upstream, str]]
+    ) -> Callable[[str], bool] | None:
+        """Which catalog names the client may see (None: all of them)."""
+        if not self.enabled:
+            return None
+        principal: Principal = getattr(request.state, "principal", ANONYMOUS)
+
+        def visible(name: str) -> bool:
+            try:
+                upstream, repository = route(name)
+            except OCIError:
+                return False  # a name no route leads to is nobody's to see
+            return self.may_read(principal, upstream.name, repository)
+
+        return visible
 
     # guarding routes
 

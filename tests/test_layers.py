@@ -9,7 +9,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mirror"
 # Each module may import only the modules of lower layers (and of its own layer).
 # Modules of sub-packages are named with dots: "security.users".
 LAYERS = [
-    {"errors", "reference", "singleflight", "breaker", "locks", "config", "logs", "metrics"},
+    {
+        "errors",
+        "reference",
+        "singleflight",
+        "breaker",
+        "locks",
+        "config",
+        "logs",
+        "metrics",
+        "security.rules",
+    },
     {
         "manifest",
         "images",

@@ -161,6 +161,8 @@ def create_app(
     store, metrics = cache.store, cache.metrics
     gate = Gate(settings, metrics, now=now)
     guard = gate.guard
+    if gate.limits.enabled:
+        cache.before_upstream = gate.charge_upstream
 
     def route(request: Request) -> tuple[Upstream, str]:
         upstream, repository = cache.route(
@@ -265,7 +267,7 @@ def create_app(
         Route("/readyz", readyz),
     ]
     if gate.tokens is not None:
-        routes.append(Route("/token", gate.token_endpoint, methods=["GET", "POST"]))
+        routes.append(Route("/token", guard(gate.token_endpoint, "token"), methods=["GET", "POST"]))
     if settings.server.metrics_address is None:
         # With auth on, request counts and upstream health are for users, not anyone.
         routes.append(Route("/metrics", guard(metrics_endpoint, "user")))

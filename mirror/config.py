@@ -22,6 +22,7 @@ from .security.rules import Rule, compile_pattern
 __all__ = [
     "AuthSettings",
     "CacheSettings",
+    "LimitSettings",
     "ConfigError",
     "ServerSettings",
     "Settings",
@@ -102,11 +103,24 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """Per-client token buckets; each budget is off while its rate is None."""
+
+    requests_rate: float | None = None  # requests a second, any request
+    requests_burst: float = 0.0  # requests at once (default: the rate's count)
+    upstream_rate: float | None = None  # requests a second that go upstream (misses)
+    upstream_burst: float = 0.0
+    per_address: bool = True  # a budget per client address
+    per_user: bool = True  # and one per logged-in user
+
+
+@dataclass(frozen=True)
 class Settings:
     upstreams: tuple[UpstreamSettings, ...]
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
     auth: AuthSettings = AuthSettings()
+    limits: LimitSettings = LimitSettings()
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -270,7 +284,7 @@ def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if len(parts) != 2:
             continue
         section, rest = parts
-        if section in ("server", "cache", "auth"):
+        if section in ("server", "cache", "auth", "limits"):
             data.setdefault(section, {})[rest] = value
         elif section == "upstreams":
             index, _, name = rest.partition("_")
@@ -284,7 +298,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if "upstreams" in data and isinstance(data["upstreams"], list):
         data["upstreams"] = [dict(u) if isinstance(u, dict) else u for u in data["upstreams"]]
     _overrides(data, environ)
-    _check_keys(data, {"server", "cache", "upstreams", "auth"}, "")
+    _check_keys(data, {"server", "cache", "upstreams", "auth", "limits"}, "")
 
     server_raw = _table(data.get("server", {}), "server")
     _check_keys(server_raw, {f.name for f in fields(ServerSettings)}, "server.")
@@ -336,7 +350,48 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         if names.count(name) > 1:
             raise ConfigError("upstreams", f"upstream name {name!r} appears more than once")
     auth = _auth(_table(data.get("auth", {}), "auth"), environ, upstreams)
-    return Settings(upstreams=upstreams, server=server, cache=cache, auth=auth)
+    limits = _limits(_table(data.get("limits", {}), "limits"))
+    return Settings(upstreams=upstreams, server=server, cache=cache, auth=auth, limits=limits)
+
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d*(?:\.\d+)?)\s*([a-z]*)\s*")
+
+
+def parse_rate(value: object, key: str) -> tuple[float, float]:
+    """(per second, count) from ``"20/s"``, ``"100/6h"``, ``"600/m"``."""
+    match = _RATE.fullmatch(str(value).lower())
+    if isinstance(value, bool) or not match:
+        raise ConfigError(key, f'expected a rate such as "20/s" or "100/6h", got {value!r}')
+    count, number, unit = match.groups()
+    seconds = parse_duration(f"{number or 1}{unit or 's'}", key)
+    if float(count) <= 0 or seconds <= 0:
+        raise ConfigError(key, "a rate must be greater than zero")
+    return float(count) / seconds, float(count)
+
+
+def _limits(raw: Mapping[str, Any]) -> LimitSettings:
+    _check_keys(
+        raw,
+        {"requests", "requests_burst", "upstream", "upstream_burst", "per_address", "per_user"},
+        "limits.",
+    )
+    budgets: dict[str, float | None] = {}
+    for name in ("requests", "upstream"):
+        rate: float | None = None
+        burst = 0.0
+        if raw.get(name):
+            rate, burst = parse_rate(raw[name], f"limits.{name}")
+            if f"{name}_burst" in raw:
+                burst = float(_int(raw[f"{name}_burst"], f"limits.{name}_burst", minimum=1))
+        budgets[f"{name}_rate"], budgets[f"{name}_burst"] = rate, max(burst, 1.0)
+    return LimitSettings(
+        requests_rate=budgets["requests_rate"],
+        requests_burst=budgets["requests_burst"] or 1.0,
+        upstream_rate=budgets["upstream_rate"],
+        upstream_burst=budgets["upstream_burst"] or 1.0,
+        per_address=_bool(raw.get("per_address", True), "limits.per_address"),
+        per_user=_bool(raw.get("per_user", True), "limits.per_user"),
+    )
 
 
 _AUTH_KEYS = {f.name for f in fields(AuthSettings)} - {"token_key"} | {"token_key_env"}

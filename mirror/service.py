@@ -83,6 +83,9 @@ class PullThroughCache:
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Called before a client's request goes upstream; may refuse it (the web
+        # layer's per-client budget). The policy stays here, the budget there.
+        self.before_upstream: Callable[[], None] = lambda: None
 
     @classmethod
     def from_settings(
@@ -180,6 +183,7 @@ class PullThroughCache:
             return Manifest(cached[1], cached[0], digest, "hit")
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"manifest {digest}")
+        self.before_upstream()
         fetched, joined = await self._fetch_manifest(upstream, repository, digest, accept)
         return Manifest(fetched.body, fetched.media_type, digest, "coalesced" if joined else "miss")
 
@@ -214,6 +218,7 @@ class PullThroughCache:
             self.metrics.cache_results.labels("manifest", "negative_hit").inc()
             raise ManifestUnknown(f"manifest {repository}:{tag} is unknown upstream (remembered)")
         try:
+            self.before_upstream()  # refused: like an upstream 429, stale if we have it
             if record is not None and cached is not None:
                 head = await upstream.head_manifest(repository, tag, accept)
                 if head.digest == record.digest:
@@ -303,6 +308,7 @@ class PullThroughCache:
             return await self._join(fill, "coalesced", source)
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
+        self.before_upstream()
         lock = FileLock(self.store.lock_path(digest))
         if not lock.try_acquire():
             return await self._follow_foreign(digest, source)
@@ -378,6 +384,7 @@ class PullThroughCache:
             return fill.size
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
+        self.before_upstream()
         return await upstream.head_blob(repository, digest)
 
     # listings
@@ -385,6 +392,7 @@ class PullThroughCache:
     async def get_tags(self, upstream: Upstream, repository: str) -> list[str]:
         """The upstream's tag list; the last one fetched when it fails or we are offline."""
         if not self.offline:
+            self.before_upstream()
             try:
                 tags = sorted(await upstream.get_tags(repository))
             except _STALE_ON as exc:
@@ -409,6 +417,7 @@ class PullThroughCache:
     ) -> Referrers:
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"referrers of {digest}")
+        self.before_upstream()
         return await upstream.get_referrers(repository, digest, artifact_type)
 
     async def catalog(

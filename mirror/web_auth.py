@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from .config import Settings
 from .errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
 from .metrics import Metrics
-from .security.limits import Buckets, retry_after
+from .security.limits import Buckets, Budget, Client, ClientLimits, current_client, retry_after
 from .security.rules import Authorizer
 from .security.tokens import TokenError, TokenIssuer, load_or_create_key
 from .security.users import Users
@@ -44,8 +44,9 @@ log = logging.getLogger("mirror.security")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 # What a route asks of its client: "base" is /v2/ (credentials, or an anonymous
-# token), "registry" any other /v2/ route, "user" a logged-in user (/metrics).
-Need = Literal["base", "registry", "user"]
+# token), "registry" any other /v2/ route, "user" a logged-in user (/metrics),
+# "token" nothing but its request budget (/token checks credentials itself).
+Need = Literal["base", "registry", "user", "token"]
 _MAX_FORM = 64 * 1024
 
 
@@ -95,6 +96,14 @@ class Gate:
             )
         self._now = wall
         self.rules = Authorizer(auth.anonymous, auth.rules, auth.groups)
+        limits = settings.limits
+        self.limits = ClientLimits(
+            Budget(limits.requests_rate, limits.requests_burst) if limits.requests_rate else None,
+            Budget(limits.upstream_rate, limits.upstream_burst) if limits.upstream_rate else None,
+            per_address=limits.per_address,
+            per_user=limits.per_user,
+            now=monotonic,
+        )
         self.throttle = Buckets(
             auth.failed_logins / auth.failed_login_window if auth.failed_login_window else 1e9,
             auth.failed_logins,
@@ -130,25 +139,59 @@ class Gate:
     # guarding routes
 
     def guard(self, endpoint: Endpoint, need: Need = "registry") -> Endpoint:
-        """The endpoint, run only for a client that passes the gate."""
-        if not self.enabled:
+        """The endpoint, run only for a client that passes the gate and has budget left."""
+        if not self.enabled and not self.limits.enabled:
             return endpoint
 
         async def guarded(request: Request) -> Response:
-            principal = await self.authenticate(request)
-            request.state.user = principal.user
-            request.state.principal = principal
-            anonymous = principal.user is None
-            if anonymous and (
-                need == "user"
-                or (need == "base" and principal.credentials == "none")
-                or not self.anonymous_reads_anything
-            ):
-                self.metrics.auth_denials.labels("unauthenticated").inc()
-                raise Unauthorized("authentication required", headers=self.challenge(request))
-            return await endpoint(request)
+            principal = ANONYMOUS
+            if self.enabled and need != "token":
+                principal = await self.authenticate(request)
+                request.state.user = principal.user
+                request.state.principal = principal
+                self._require(request, principal, need)
+            client = Client(_address(request), principal.user)
+            if need != "user":
+                wait = self.limits.request(client)
+                if wait:
+                    self.metrics.rate_limited.labels("requests").inc()
+                    raise TooManyRequests(
+                        "this client's request budget is spent; retry later",
+                        headers={"Retry-After": retry_after(wait)},
+                    )
+            reset = current_client.set(client)
+            try:
+                return await endpoint(request)
+            finally:
+                current_client.reset(reset)
 
         return guarded
+
+    def _require(self, request: Request, principal: Principal, need: Need) -> None:
+        if principal.user is not None:
+            return
+        if (
+            need == "user"
+            or (need == "base" and principal.credentials == "none")
+            or not self.anonymous_reads_anything
+        ):
+            self.metrics.auth_denials.labels("unauthenticated").inc()
+            raise Unauthorized("authentication required", headers=self.challenge(request))
+
+    def charge_upstream(self) -> None:
+        """The service's hook before it goes upstream for a client: spend the client's
+        upstream budget, so one client's cold pulls cannot use up the upstream's pull
+        limit for everyone. Warming and other work of no client's is not charged."""
+        client = current_client.get()
+        if client is None:
+            return
+        wait = self.limits.upstream(client)
+        if wait:
+            self.metrics.rate_limited.labels("upstream").inc()
+            raise TooManyRequests(
+                "this client's budget of upstream requests (cache misses) is spent; retry later",
+                headers={"Retry-After": retry_after(wait)},
+            )
 
     def authorize(self, request: Request, upstream: str, repository: str) -> None:
         """Refuse a repository the client may not read: 401 (with a challenge) to an

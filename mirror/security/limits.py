@@ -12,9 +12,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["Buckets", "TokenBucket", "retry_after"]
+__all__ = [
+    "Budget",
+    "Buckets",
+    "Client",
+    "ClientLimits",
+    "TokenBucket",
+    "current_client",
+    "retry_after",
+]
 
 _MAX_BUCKETS = 10_000  # beyond this, buckets back to full are forgotten
 
@@ -80,3 +89,68 @@ class Buckets:
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` value: whole seconds, at least one."""
     return str(max(1, math.ceil(seconds)))
+
+
+@dataclass(frozen=True)
+class Client:
+    """Whom a request is for: its address, and its user when it has logged in."""
+
+    address: str
+    user: str | None = None
+
+
+# The client of the request being answered; read where the service goes upstream
+# (the service knows no clients, only a hook).
+current_client: ContextVar[Client | None] = ContextVar("mirror_client", default=None)
+
+
+@dataclass(frozen=True)
+class Budget:
+    rate: float  # tokens per second
+    burst: float
+
+
+class ClientLimits:
+    """Per-client budgets: one for every request, one for requests that go upstream
+    (cache misses), each kept per address and per user as configured."""
+
+    def __init__(
+        self,
+        requests: Budget | None,
+        upstream: Budget | None,
+        *,
+        per_address: bool = True,
+        per_user: bool = True,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._requests = Buckets(requests.rate, requests.burst, now=now) if requests else None
+        self._upstream = Buckets(upstream.rate, upstream.burst, now=now) if upstream else None
+        self.per_address = per_address
+        self.per_user = per_user
+
+    @property
+    def enabled(self) -> bool:
+        return self._requests is not None or self._upstream is not None
+
+    def _keys(self, client: Client) -> list[str]:
+        keys = [f"address {client.address}"] if self.per_address else []
+        if self.per_user and client.user is not None:
+            keys.append(f"user {client.user}")
+        return keys
+
+    @staticmethod
+    def _take(buckets: Buckets | None, keys: list[str]) -> float:
+        """Take a token from each key's bucket, or none if any is empty (its wait)."""
+        if buckets is None:
+            return 0.0
+        wait = max((buckets.wait(key) for key in keys), default=0.0)
+        if wait == 0:
+            for key in keys:
+                buckets.take(key)
+        return wait
+
+    def request(self, client: Client) -> float:
+        return self._take(self._requests, self._keys(client))
+
+    def upstream(self, client: Client) -> float:
+        return self._take(self._upstream, self._keys(client))

@@ -32,8 +32,10 @@ def write_config(
     cache_dir: Path,
     upstreams: list[dict[str, Any]],
     workers: int = 1,
+    extra_toml: str = "",
     **cache: Any,
 ) -> None:
+    """``extra_toml`` is appended as is: tables of other sections (``[auth]``, …)."""
     lines = [
         "[server]",
         'host = "127.0.0.1"',
@@ -47,7 +49,7 @@ def write_config(
     for upstream in upstreams:
         lines.append("[[upstreams]]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in upstream.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
 
 
 class MirrorProcess(LoopbackService, Service):
@@ -62,6 +64,7 @@ class MirrorProcess(LoopbackService, Service):
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
+        extra_toml: str = "",
         **cache: Any,
     ) -> None:
         # A workdir passed in belongs to the caller (e.g. pytest's tmp_path) and stays.
@@ -77,6 +80,7 @@ class MirrorProcess(LoopbackService, Service):
             cache_dir=self.cache_dir,
             upstreams=upstreams,
             workers=workers,
+            extra_toml=extra_toml,
             **cache,
         )
         self.log_path = self.workdir / "mirror.log"

@@ -24,6 +24,8 @@ from tests.support.clients import (
     DockerDaemon,
     Podman,
     access_lines,
+    config_dump,
+    doc_snippet,
     host_architecture,
     missing_tools,
 )
@@ -184,3 +186,28 @@ def test_ctr_with_user(seeded: Seeded, mirror: MirrorProcess) -> None:
         containerd.ctr("images", "pull", "--plain-http", "--user", _creds(ALICE), reference)
         assert containerd.image_digest(reference) == seeded.app.manifest_digest
     assert _users_served(mirror, "acme/app") == {"alice"}
+
+
+def test_docker_registry_mirrors_send_the_docker_hub_login(
+    seeded: Seeded, mirror: MirrorProcess
+) -> None:
+    """What docs/clients.md warns about: a daemon's registry-mirrors get the credentials
+    stored for Docker Hub, not any stored for the mirror."""
+    with DockerDaemon({"registry-mirrors": [f"http://{mirror.host}"]}) as docker:
+        assert isinstance(docker, DockerDaemon)
+        hub_login = base64.b64encode(_creds(ALICE).encode()).decode()
+        (docker.config_dir / "config.json").write_text(
+            json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": hub_login}}})
+        )
+        docker.docker("pull", "acme/app:1")
+        assert docker.repo_digests("acme/app:1") == [f"acme/app@{seeded.app.manifest_digest}"]
+    assert _users_served(mirror, "acme/app") == {"alice"}
+
+
+def test_containerd_cri_auth_snippet_gives_the_mirror_host_credentials() -> None:
+    dump = config_dump(doc_snippet("containerd cri auth", mirror="mirror.example:5000"))
+    section = dump.split(
+        '[plugins."io.containerd.grpc.v1.cri".registry.configs."mirror.example:5000".auth]', 1
+    )[1]
+    assert 'username = "node-pull"' in section.split("[", 1)[0]
+    assert 'config_path = "/etc/containerd/certs.d"' in dump

@@ -57,6 +57,7 @@ TESTED_SNIPPETS = {
     "hosts.toml mirror only",
     "hosts.toml _default",
     "containerd config.toml",
+    "containerd cri auth",
     "registries.conf",
 }
 

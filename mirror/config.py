@@ -475,6 +475,9 @@ def _auth(
         value = _str(raw.get(name, getattr(d, name)), f"auth.{name}")
         if '"' in value or "\\" in value or not value.isprintable():
             raise ConfigError(f"auth.{name}", "must be printable, without quotes or backslashes")
+    for name in ("token_ttl", "refresh_token_ttl", "failed_login_window"):
+        if name in raw and parse_duration(raw[name], f"auth.{name}") < 1:
+            raise ConfigError(f"auth.{name}", "must be at least one second")
     return AuthSettings(
         htpasswd=htpasswd,
         realm=_str(raw.get("realm", d.realm), "auth.realm"),

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
 from .metrics import Metrics
 from .security.limits import Buckets, Budget, Client, ClientLimits, current_client, retry_after
@@ -79,21 +79,26 @@ class Gate:
         wall = now or time.time
         # Durations (throttle, remembered logins) follow the injected clock in tests.
         monotonic = now or time.monotonic
-        self.users = Users(auth.htpasswd, now=monotonic) if auth.htpasswd is not None else None
+        self.users: Users | None = None
         self.tokens: TokenIssuer | None = None
+        if auth.htpasswd is not None:
+            try:
+                self.users = Users(auth.htpasswd, now=monotonic)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError("auth.htpasswd", f"cannot read {auth.htpasswd}: {exc}") from exc
         if self.enabled and auth.tokens:
-            key = (
-                auth.token_key.encode()
-                if auth.token_key
-                else load_or_create_key(settings.cache.directory / "auth")
-            )
-            self.tokens = TokenIssuer(
-                key,
-                service=auth.service,
-                ttl=auth.token_ttl,
-                refresh_ttl=auth.refresh_token_ttl,
-                now=wall,
-            )
+            directory = settings.cache.directory / "auth"
+            try:
+                key = auth.token_key.encode() if auth.token_key else load_or_create_key(directory)
+                self.tokens = TokenIssuer(
+                    key,
+                    service=auth.service,
+                    ttl=auth.token_ttl,
+                    refresh_ttl=auth.refresh_token_ttl,
+                    now=wall,
+                )
+            except (OSError, ValueError) as exc:
+                raise ConfigError("auth.tokens", f"no usable key in {directory}: {exc}") from exc
         self._now = wall
         self.rules = Authorizer(auth.anonymous, auth.rules, auth.groups)
         limits = settings.limits

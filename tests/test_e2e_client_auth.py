@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support import skopeo
@@ -211,3 +212,27 @@ def test_containerd_cri_auth_snippet_gives_the_mirror_host_credentials() -> None
     )[1]
     assert 'username = "node-pull"' in section.split("[", 1)[0]
     assert 'config_path = "/etc/containerd/certs.d"' in dump
+
+
+def test_tokens_from_one_worker_verify_in_the_other(seeded: Seeded, tmp_path: Path) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, dict([ALICE]))
+    toml = f'[auth]\nhtpasswd = "{htpasswd}"\ntokens = true\n'
+    upstream = {"name": "docker.io", "url": seeded.registry.url, "retries": 0}
+    with MirrorProcess([upstream], workers=2, extra_toml=toml, workdir=tmp_path / "m") as mirror:
+        response = httpx.get(f"{mirror.url}/token", auth=ALICE, params={"service": "mirror"})
+        token = {"Authorization": f"Bearer {response.json()['token']}"}
+        pids: set[str] = set()
+        for _ in range(40):  # a new connection each time: both workers get some
+            with httpx.Client() as client:
+                assert client.get(f"{mirror.url}/v2/", headers=token).status_code == 200
+            pids = {
+                line.split("[", 1)[1].split("]", 1)[0]
+                for line in mirror.log().splitlines()
+                if '"GET /v2/" 200' in line
+            }
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, mirror.log()[-2000:]
+        key = mirror.cache_dir / "auth" / "token.key"
+        assert oct(key.stat().st_mode & 0o777) == "0o600"

@@ -109,10 +109,9 @@ class Gate:
             per_user=limits.per_user,
             now=monotonic,
         )
+        # N failures at once, then one more per window / N.
         self.throttle = Buckets(
-            auth.failed_logins / auth.failed_login_window if auth.failed_login_window else 1e9,
-            auth.failed_logins,
-            now=monotonic,
+            auth.failed_logins / auth.failed_login_window, auth.failed_logins, now=monotonic
         )
 
     # what a principal may read

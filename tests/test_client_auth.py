@@ -64,13 +64,13 @@ def checks(monkeypatch: pytest.MonkeyPatch) -> Checks:
     return Checks(monkeypatch)
 
 
-Mirror = Callable[..., Any]
+MakeClient = Callable[..., Any]  # make_client(**auth keys) → an httpx client of a new app
 
 
 @pytest.fixture
 async def make_client(
     tmp_path: Path, fake: FakeRegistry, clock: Clock
-) -> AsyncIterator[Callable[..., Any]]:
+) -> AsyncIterator[MakeClient]:
     opened: list[app_client] = []
 
     async def make(**auth: Any) -> httpx.AsyncClient:
@@ -117,7 +117,7 @@ async def test_auth_off_by_default_needs_no_credentials(
 
 
 async def test_every_route_challenges_an_anonymous_client(
-    make_client: Mirror, fake: FakeRegistry
+    make_client: MakeClient, fake: FakeRegistry
 ) -> None:
     client = await make_client()
     for method, path in every_route(fake):
@@ -132,7 +132,7 @@ async def test_every_route_challenges_an_anonymous_client(
 
 
 async def test_a_user_pulls_with_basic_credentials(
-    make_client: Mirror, fake: FakeRegistry, caplog: pytest.LogCaptureFixture
+    make_client: MakeClient, fake: FakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = await make_client()
     caplog.set_level(logging.INFO, "mirror.access")
@@ -147,7 +147,7 @@ async def test_a_user_pulls_with_basic_credentials(
 
 
 async def test_wrong_or_malformed_credentials_are_refused_never_anonymous(
-    make_client: Mirror, fake: FakeRegistry
+    make_client: MakeClient, fake: FakeRegistry
 ) -> None:
     client = await make_client()
     for headers in (
@@ -163,7 +163,7 @@ async def test_wrong_or_malformed_credentials_are_refused_never_anonymous(
 
 
 async def test_thirty_blob_requests_cost_one_bcrypt_run(
-    make_client: Mirror, fake: FakeRegistry, checks: Checks
+    make_client: MakeClient, fake: FakeRegistry, checks: Checks
 ) -> None:
     client = await make_client()
     blobs = [fake.add_blob(f"blob {i}".encode()) for i in range(30)]
@@ -177,7 +177,7 @@ async def test_thirty_blob_requests_cost_one_bcrypt_run(
 
 
 async def test_a_remembered_login_ends_with_a_password_change(
-    make_client: Mirror, tmp_path: Path, clock: Clock, checks: Checks
+    make_client: MakeClient, tmp_path: Path, clock: Clock, checks: Checks
 ) -> None:
     client = await make_client()
     assert (await client.get("/v2/", headers=ALICE)).status_code == 200
@@ -198,7 +198,7 @@ async def test_a_remembered_login_ends_with_a_password_change(
 
 
 async def test_failed_logins_are_throttled_per_address(
-    make_client: Mirror, clock: Clock, checks: Checks
+    make_client: MakeClient, clock: Clock, checks: Checks
 ) -> None:
     client = await make_client(failed_logins=3, failed_login_window="30s")
     assert (await client.get("/v2/", headers=ALICE)).status_code == 200  # remembered
@@ -264,7 +264,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def test_bearer_challenge_names_the_token_endpoint_and_scope(make_client: Mirror) -> None:
+async def test_bearer_challenge_names_the_token_endpoint_and_scope(make_client: MakeClient) -> None:
     client = await make_client(tokens=True)
     response = await client.get("/v2/library/a/manifests/1", headers=ACCEPT)
     assert response.status_code == 401
@@ -282,7 +282,7 @@ async def test_bearer_challenge_names_the_token_endpoint_and_scope(make_client: 
 
 
 async def test_docker_login_flow_then_a_token_is_reused(
-    make_client: Mirror, fake: FakeRegistry, checks: Checks
+    make_client: MakeClient, fake: FakeRegistry, checks: Checks
 ) -> None:
     client = await make_client(tokens=True)
     fake.add_image("library/a", "1", [b"layer"])
@@ -334,7 +334,7 @@ async def test_docker_login_flow_then_a_token_is_reused(
     assert response.status_code == 401
 
 
-async def test_oauth2_password_grant_and_bad_requests(make_client: Mirror) -> None:
+async def test_oauth2_password_grant_and_bad_requests(make_client: MakeClient) -> None:
     client = await make_client(tokens=True)
     response = await client.post(
         "/token",
@@ -356,7 +356,7 @@ async def test_oauth2_password_grant_and_bad_requests(make_client: Mirror) -> No
 
 
 async def test_expired_and_foreign_tokens_are_refused(
-    make_client: Mirror, clock: Clock, tmp_path: Path
+    make_client: MakeClient, clock: Clock, tmp_path: Path
 ) -> None:
     client = await make_client(tokens=True, token_ttl="5m")
     token = (await client.get("/token", headers=ALICE)).json()["token"]
@@ -372,7 +372,7 @@ async def test_expired_and_foreign_tokens_are_refused(
 
 
 async def test_a_token_ends_when_its_user_is_removed_or_changes_password(
-    make_client: Mirror, tmp_path: Path
+    make_client: MakeClient, tmp_path: Path
 ) -> None:
     client = await make_client(tokens=True)
     alice = (await client.get("/token", headers=ALICE)).json()["token"]
@@ -409,7 +409,7 @@ async def test_tokens_verify_in_every_worker_through_the_key_file(
 
 
 async def test_secrets_never_reach_logs_metrics_or_error_bodies(
-    make_client: Mirror, tmp_path: Path, fake: FakeRegistry, caplog: pytest.LogCaptureFixture
+    make_client: MakeClient, tmp_path: Path, fake: FakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     client = await make_client(tokens=True, failed_logins=2)

@@ -29,6 +29,7 @@ from tests.support.clients import (
     doc_snippet,
     host_architecture,
     missing_tools,
+    only_loopback,
 )
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import ImageInfo, write_image
@@ -50,12 +51,6 @@ repositories = ["docker.io/acme/*"]
 """
 
 
-def _only_loopback() -> bool:
-    with open("/proc/self/net/dev") as dev:
-        names = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
-    return names == ["lo"]
-
-
 @dataclass
 class Seeded:
     registry: UpstreamRegistry
@@ -67,7 +62,7 @@ class Seeded:
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     if os.geteuid() != 0:
         pytest.fail("real clients (dockerd, containerd, podman) need root: run scripts/test")
-    if not _only_loopback():
+    if not only_loopback():
         pytest.fail("run inside `unshare --net` with only loopback (as scripts/test does)")
     missing = missing_tools(*TOOLS)
     if missing:

@@ -37,6 +37,7 @@ from tests.support.clients import (
     doc_snippets,
     host_architecture,
     missing_tools,
+    only_loopback,
 )
 from tests.support.images import ImageInfo, write_image
 from tests.support.mirror import MirrorProcess
@@ -60,13 +61,6 @@ TESTED_SNIPPETS = {
     "containerd cri auth",
     "registries.conf",
 }
-
-
-def _only_loopback() -> bool:
-    """Whether this process's network namespace has no interface but ``lo``."""
-    with open("/proc/self/net/dev") as dev:
-        names = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
-    return names == ["lo"]
 
 
 @dataclass
@@ -102,7 +96,7 @@ def upstreams(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstreams]:
     # checks come before any daemon starts, so nothing can fall back to a real registry.
     if os.geteuid() != 0:
         pytest.fail("real clients (dockerd, containerd, podman) need root: run scripts/test")
-    if not _only_loopback():
+    if not only_loopback():
         pytest.fail(
             "run inside `unshare --net` with only loopback (as scripts/test does): "
             "these clients fall back to the real registries when the mirror fails"

@@ -48,6 +48,7 @@ __all__ = [
     "doc_snippets",
     "host_architecture",
     "missing_tools",
+    "only_loopback",
     "unmount_under",
 ]
 
@@ -156,6 +157,13 @@ def host_architecture() -> str:
     """The OCI name of this machine's architecture (what clients pull by default)."""
     machine = platform.machine()
     return _ARCHITECTURES.get(machine, machine)
+
+
+def only_loopback() -> bool:
+    """Whether this process's network namespace has no interface but ``lo``."""
+    with open("/proc/self/net/dev") as dev:
+        names = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
+    return names == ["lo"]
 
 
 def missing_tools(*names: str) -> list[str]:

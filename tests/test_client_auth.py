@@ -442,3 +442,14 @@ async def test_secrets_never_reach_logs_metrics_or_error_bodies(
         assert secret not in wire, secret
         assert secret not in caplog.text, secret
     assert json.loads(responses[6].text)["errors"][0]["code"] == "UNAUTHORIZED"  # wrong password
+
+
+async def test_an_unknown_user_costs_a_bcrypt_run_like_a_wrong_password(
+    make_client: MakeClient, checks: Checks
+) -> None:
+    """So that the time a refusal takes does not tell which users exist."""
+    client = await make_client()
+    assert (await client.get("/v2/", headers=basic("alice", "wrong"))).status_code == 401
+    assert checks.count == 1
+    assert (await client.get("/v2/", headers=basic("nobody", "wrong"))).status_code == 401
+    assert checks.count == 2

@@ -34,6 +34,9 @@ _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _REMEMBER_SECONDS = 60.0
 _REMEMBER_MAX = 4096
 _CONCURRENT_CHECKS = 4  # bcrypt runs at once: wrong passwords must not take every thread
+# Checked for a user who does not exist, so that such a login takes as long as a wrong
+# password (the cost htpasswd -B uses) and does not tell which users exist.
+_NOBODY = b"$2b$05$LhK3lZY6iG60CVYY1hMG3.RMs8HJJLKGEaA7dQNffktsV8b3pYcFy"
 
 
 def parse_htpasswd(text: str, source: str = "htpasswd") -> dict[str, bytes]:
@@ -123,6 +126,9 @@ class Users:
         """Whether the password is the user's. Runs bcrypt off the event loop."""
         hashed = self.hashed(user)
         if hashed is None:
+            await anyio.to_thread.run_sync(
+                _checkpw, password.encode(), _NOBODY, limiter=self._limiter
+            )
             return False
         if self.remembered(user, password):
             return True

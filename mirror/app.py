@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import anyio
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -25,15 +26,17 @@ from .access import AccessLog
 from .blobs import Blob
 from .config import Settings
 from .errors import (
+    BlobUnknown,
     NameUnknown,
     OCIError,
     PaginationInvalid,
+    QueryInvalid,
     RangeNotSatisfiable,
     Unsupported,
 )
 from .manifest import accepted_types
 from .metrics import CONTENT_TYPE
-from .reference import Digest, parse_digest, parse_reference
+from .reference import Digest, parse_digest, requested_digest, requested_reference
 from .service import Manifest, PullThroughCache
 from .upstream import Upstream
 from .web_auth import Gate
@@ -43,8 +46,10 @@ __all__ = ["create_app"]
 log = logging.getLogger("mirror.app")
 
 _READ_METHODS = ("GET", "HEAD")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 _MAX_PAGE = 1000
+# Longer queries are refused: nothing the API takes (n, last, ns, artifactType) needs more.
+_MAX_QUERY = 8192
 
 
 def _error_response(exc: OCIError, method: str) -> Response:
@@ -58,6 +63,26 @@ def _error_response(exc: OCIError, method: str) -> Response:
 async def _oci_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OCIError)
     return _error_response(exc, request.method)
+
+
+def _under_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """The router's own 404 and 405, as OCI errors under /v2/ (plain text elsewhere)."""
+    assert isinstance(exc, HTTPException)
+    path = request.scope["path"]
+    if not _under_v2(path):
+        return PlainTextResponse(exc.detail, exc.status_code, headers=exc.headers)
+    if exc.status_code == 405:
+        error: OCIError = Unsupported(
+            f"{request.method[:20]} is not supported: this registry is a read-only mirror",
+            headers={"Allow": "GET, HEAD"},
+        )
+    else:
+        error = NameUnknown(f"no such endpoint {path[:200]!r}")
+    return _error_response(error, request.method)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -88,6 +113,24 @@ class _RegistryHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_header)
+
+
+class _QueryLimit:
+    """Refuses an oversized query under /v2/ before any route reads it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and len(scope.get("query_string", b"")) > _MAX_QUERY
+            and _under_v2(scope["path"])
+        ):
+            error = QueryInvalid(f"the query string is longer than {_MAX_QUERY} bytes")
+            await _error_response(error, scope["method"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _BlobStream(StreamingResponse):
@@ -138,9 +181,9 @@ def _page_size(request: Request, default: int) -> int:
     raw = request.query_params.get("n")
     if raw is None:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise PaginationInvalid(f"n must be a non-negative integer, got {raw[:20]!r}")
-    return min(int(raw), _MAX_PAGE)
+    return _MAX_PAGE if len(raw) > 9 else min(int(raw), _MAX_PAGE)  # int() caps digits
 
 
 def _next_link(request: Request, n: int, last: str) -> str:
@@ -181,7 +224,7 @@ def create_app(
     async def manifest(request: Request) -> Response:
         _read_only(request)
         upstream, repository = route(request)
-        reference = parse_reference(request.path_params["reference"])
+        reference = requested_reference(request.path_params["reference"])
         accept = accepted_types(request.headers.getlist("accept"))
         found = await cache.get_manifest(upstream, repository, reference, accept)
         request.state.cache_result = found.result
@@ -190,7 +233,7 @@ def create_app(
     async def blob(request: Request) -> Response:
         _read_only(request)
         upstream, repository = route(request)
-        digest = parse_digest(request.path_params["digest"])
+        digest = requested_digest(request.path_params["digest"], BlobUnknown)
         if request.method == "HEAD":
             size = await cache.head_blob(upstream, repository, digest)
             return Response(headers=_blob_headers(digest, size))
@@ -273,10 +316,15 @@ def create_app(
         routes.append(Route("/metrics", guard(metrics_endpoint, "user")))
     app = Starlette(
         routes=routes,
-        exception_handlers={OCIError: _oci_error, Exception: _internal_error},
+        exception_handlers={
+            OCIError: _oci_error,
+            HTTPException: _routing_error,
+            Exception: _internal_error,
+        },
         lifespan=lifespan,
     )
     app.state.cache = cache
+    app.add_middleware(_QueryLimit)
     app.add_middleware(_RegistryHeaders)
     app.add_middleware(AccessLog, metrics=metrics)
     return app

@@ -12,7 +12,8 @@ error JSON.
     ├── BlobUnknown (404)        └── Unavailable (503)
     ├── ManifestUnknown (404)        └── DigestMismatch
     ├── NameUnknown (404)
-    └── PaginationInvalid (400)
+    ├── PaginationInvalid (400)
+    └── QueryInvalid (400)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "NameUnknown",
     "OCIError",
     "PaginationInvalid",
+    "QueryInvalid",
     "RangeNotSatisfiable",
     "TooManyRequests",
     "Unauthorized",
@@ -103,6 +105,12 @@ class Unavailable(OCIError):
 
 class PaginationInvalid(OCIError):
     code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
+class QueryInvalid(OCIError):
+    """A query the API has no use for (oversized); the spec's table has no closer code."""
+
+    code, status = "UNSUPPORTED", 400
 
 
 class DigestMismatch(Unavailable):

@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from .errors import DigestInvalid, ManifestInvalid, NameInvalid
+from .errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, OCIError
 
 __all__ = [
     "Digest",
@@ -20,6 +20,8 @@ __all__ = [
     "parse_image_reference",
     "parse_reference",
     "parse_repository",
+    "requested_digest",
+    "requested_reference",
     "upstream_repository",
 ]
 
@@ -27,6 +29,8 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _HEX = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
+# The digest grammar of the image spec, whatever the algorithm.
+_ANY_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 # distribution's limit on a repository name, host included.
 _MAX_NAME_LENGTH = 255
 
@@ -72,6 +76,38 @@ def parse_reference(reference: str) -> str | Digest:
             f"invalid tag {reference[:140]!r}", detail={"reference": reference[:140]}
         )
     return reference
+
+
+def requested_digest(text: str, unknown: type[OCIError]) -> Digest:
+    """A digest a client asked for in a pull path (a blob's, a manifest's).
+
+    The spec names only 404 as the failure of a blob or manifest pull (its
+    endpoints table, end-2 and end-3): what cannot exist, such as ``sha256:xyz``,
+    is ``unknown``. A well-formed digest of an algorithm we do not speak (``md5:…``)
+    is ``400 DIGEST_INVALID``, as the spec asks of uploads and distribution answers.
+    """
+    try:
+        return parse_digest(text)
+    except DigestInvalid:
+        if _ANY_DIGEST.fullmatch(text) and text.partition(":")[0] not in _HEX:
+            raise DigestInvalid(
+                f"unsupported digest algorithm in {text[:140]!r}: only sha256 and sha512",
+                detail={"digest": text[:140]},
+            ) from None
+        raise unknown(
+            f"{text[:140]!r} is not a valid digest", detail={"digest": text[:140]}
+        ) from None
+
+
+def requested_reference(text: str) -> str | Digest:
+    """A manifest reference from a pull path: a tag that cannot be one is unknown (404)."""
+    if ":" in text:
+        return requested_digest(text, ManifestUnknown)
+    if not _TAG.fullmatch(text):
+        raise ManifestUnknown(
+            f"{text[:140]!r} is not a valid tag", detail={"reference": text[:140]}
+        )
+    return text
 
 
 def upstream_repository(name: str, *, official_prefix: bool) -> str:

@@ -134,7 +134,7 @@ class PullThroughCache:
         if namespace:
             upstream = self.upstreams.get(namespace.lower())
             if upstream is None:
-                raise NameUnknown(f"registry {namespace!r} is not an upstream of this mirror")
+                raise NameUnknown(f"registry {namespace[:100]!r} is not an upstream of this mirror")
             if rest and first == upstream.name:
                 name = rest  # the registry named twice, by ns and by prefix
         elif rest and "." in first:

@@ -152,17 +152,27 @@ async def test_oversized_manifest_is_refused(client: httpx.AsyncClient, fake: Fa
         ("/v2/Upper/manifests/1", "NAME_INVALID"),
         ("/v2/a/%2e%2e/manifests/1", "NAME_INVALID"),
         ("/v2/a//b/manifests/1", "NAME_INVALID"),
-        ("/v2/a/manifests/-bad-tag", "MANIFEST_INVALID"),
-        ("/v2/a/manifests/sha256:xyz", "DIGEST_INVALID"),
-        ("/v2/a/blobs/sha256:1234", "DIGEST_INVALID"),
+        ("/v2/a/manifests/-bad-tag", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/.INVALID_MANIFEST_NAME", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/sha256:xyz", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/sha256:totallywrong", "MANIFEST_UNKNOWN"),
+        ("/v2/a/manifests/md5:" + "0" * 32, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha256:1234", "BLOB_UNKNOWN"),
+        ("/v2/a/blobs/sha512:" + "A" * 128, "BLOB_UNKNOWN"),
+        ("/v2/a/blobs/not-a-digest", "BLOB_UNKNOWN"),
         ("/v2/a/blobs/md5:" + "0" * 32, "DIGEST_INVALID"),
+        ("/v2/a/blobs/sha3+256:" + "0" * 64, "DIGEST_INVALID"),
+        ("/v2/a/referrers/sha256:1234", "DIGEST_INVALID"),
     ],
 )
 async def test_invalid_input_is_rejected_before_any_upstream_call(
     client: httpx.AsyncClient, fake: FakeRegistry, path: str, code: str
 ) -> None:
+    """The spec's endpoints table names only 404 for a failed blob or manifest pull;
+    names, unknown algorithms and referrers of a malformed digest are 400."""
     response = await client.get(path)
-    assert response.status_code == 400
+    assert response.status_code == (404 if code.endswith("_UNKNOWN") else 400)
+    assert (await client.head(path)).status_code == response.status_code
     assert response.json()["errors"][0]["code"] == code
     assert fake.total == 0
 

@@ -34,7 +34,7 @@ from .errors import (
     RangeNotSatisfiable,
     Unsupported,
 )
-from .manifest import accepted_types
+from .manifest import OCI_INDEX, accepted_types
 from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, requested_digest, requested_reference
 from .service import Manifest, PullThroughCache
@@ -259,8 +259,9 @@ def create_app(
         digest = parse_digest(request.path_params["digest"])
         artifact_type = request.query_params.get("artifactType")
         found = await cache.get_referrers(upstream, repository, digest, artifact_type)
+        request.state.cache_result = found.result
         headers = {"OCI-Filters-Applied": found.filters_applied} if found.filters_applied else {}
-        return Response(found.body, media_type=found.content_type, headers=headers)
+        return Response(found.body, media_type=OCI_INDEX, headers=headers)
 
     async def catalog(request: Request) -> Response:
         _read_only(request)

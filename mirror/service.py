@@ -38,12 +38,13 @@ from .errors import (
 )
 from .fill import DiskFull, Fill, ForeignFill, report_disk_failure
 from .locks import FileLock
-from .manifest import MANIFEST_TYPES
+from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
+from .referrers import ReferrersAnswer, ReferrersCache
 from .singleflight import SingleFlight
 from .store import Store
-from .upstream import BlobResponse, FetchedManifest, Referrers, Upstream
+from .upstream import BlobResponse, FetchedManifest, Upstream
 
 __all__ = ["Manifest", "PullThroughCache"]
 
@@ -86,6 +87,14 @@ class PullThroughCache:
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
         self.before_upstream: Callable[[], None] = lambda: None
+        self.referrers = ReferrersCache(
+            store,
+            metrics,
+            self._referrers_tag,
+            before_upstream=lambda: self.before_upstream(),
+            offline=offline,
+            now=now,
+        )
 
     @classmethod
     def from_settings(
@@ -414,11 +423,15 @@ class PullThroughCache:
 
     async def get_referrers(
         self, upstream: Upstream, repository: str, digest: Digest, artifact_type: str | None
-    ) -> Referrers:
-        if self.offline:
-            raise self._offline_error(ManifestUnknown, f"referrers of {digest}")
-        self.before_upstream()
-        return await upstream.get_referrers(repository, digest, artifact_type)
+    ) -> ReferrersAnswer:
+        return await self.referrers.get(upstream, repository, digest, artifact_type)
+
+    async def _referrers_tag(self, upstream: Upstream, repository: str, tag: str) -> bytes | None:
+        """The index a referrers tag holds, through the tag cache; None when there is none."""
+        try:
+            return (await self.get_manifest(upstream, repository, tag, (OCI_INDEX,))).body
+        except ManifestUnknown:
+            return None
 
     async def catalog(
         self, n: int, last: str | None, visible: Callable[[str], bool] | None = None

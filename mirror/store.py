@@ -279,6 +279,17 @@ class Store:
     def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> None:
         self._index.set(f"tags:{upstream}/{repository}", tags)
 
+    def get_referrers(
+        self, upstream: str, repository: str, digest: Digest
+    ) -> tuple[bytes, float] | None:
+        """The last referrers index of a subject, and when the upstream gave it."""
+        value = self._index.get(f"referrers:{upstream}/{repository}@{digest}")
+        return None if value is None else (bytes(value[0]), float(value[1]))
+
+    def put_referrers(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+        key = f"referrers:{upstream}/{repository}@{digest}"
+        self._index.set(key, (body, self._now()))
+
     def put_missing(self, key: str, ttl: float) -> None:
         """Remember an upstream 404 for ``ttl`` seconds."""
         if ttl > 0:
@@ -310,8 +321,9 @@ class Store:
                 lock.release(remove=True)
 
     def facts(self) -> tuple[int, dict[str, int], int]:
-        """Bytes on disk, entries by kind (blob, manifest, tag, tags, missing), and the cap."""
-        entries = {"blob": 0, "manifest": 0, "tag": 0, "tags": 0, "missing": 0}
+        """Bytes on disk, entries by kind (blob, manifest, tag, tags, missing, referrers),
+        and the cap."""
+        entries = {"blob": 0, "manifest": 0, "tag": 0, "tags": 0, "missing": 0, "referrers": 0}
         with contextlib.closing(sqlite3.connect(self.directory / "cache.db", timeout=5)) as db:
             rows = db.execute(
                 "SELECT substr(key, 1, instr(key, ':') - 1), COUNT(*) FROM Cache GROUP BY 1"

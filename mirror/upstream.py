@@ -32,11 +32,11 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX, manifest_media_type
+from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
 from .metrics import Metrics
 from .reference import Digest, parse_digest
 
-__all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "Referrers", "Upstream"]
+__all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "ReferrersPage", "Upstream"]
 
 log = logging.getLogger("mirror.upstream")
 
@@ -61,10 +61,9 @@ class ManifestHead:
 
 
 @dataclass(frozen=True)
-class Referrers:
-    body: bytes  # an OCI index, verbatim
-    content_type: str
-    filters_applied: str | None  # the upstream's OCI-Filters-Applied, e.g. "artifactType"
+class ReferrersPage:
+    body: bytes  # what the upstream answered, verbatim and unchecked
+    next_path: str | None  # the upstream's next page (its Link), on the upstream's host
 
 
 @dataclass
@@ -395,28 +394,31 @@ class Upstream:
         return tags
 
     async def get_referrers(
-        self, repository: str, digest: Digest, artifact_type: str | None
-    ) -> Referrers:
-        params = {"artifactType": artifact_type} if artifact_type else None
+        self, repository: str, digest: Digest, path: str | None = None
+    ) -> ReferrersPage:
+        """One page of the upstream's referrers API (``path``: a next page's);
+        ManifestUnknown when the upstream has no such API (404)."""
         response = await self._send(
-            "GET",
-            self._path(repository, "referrers", str(digest)),
-            unknown=ManifestUnknown,
-            params=params,
+            "GET", path or self._path(repository, "referrers", str(digest)), unknown=ManifestUnknown
         )
         try:
-            body = await response.aread()
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise ManifestInvalid(f"referrers list larger than {MAX_MANIFEST_BYTES} bytes")
         except httpx.HTTPError as exc:
             raise Unavailable(f"upstream {self.name} broke off a referrers list") from exc
         finally:
             await response.aclose()
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise ManifestInvalid("referrers list too large")
-        return Referrers(
-            body,
-            response.headers.get("Content-Type", OCI_INDEX),
-            response.headers.get("OCI-Filters-Applied"),
-        )
+        self._count_bytes(len(body))
+        next_path = None
+        link = response.links.get("next", {}).get("url")
+        if link:
+            next_url = self._client.base_url.join(link)
+            if next_url.host == self._client.base_url.host:  # never follow a Link elsewhere
+                next_path = next_url.raw_path.decode()
+        return ReferrersPage(bytes(body), next_path)
 
     async def ping(self) -> int:
         """GET /v2/ through the auth flow; the status the upstream finally answered."""

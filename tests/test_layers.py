@@ -30,7 +30,7 @@ LAYERS = [
         "security.limits",
     },
     {"upstream", "fill", "blobs"},
-    {"service"},
+    {"referrers", "service"},
     {"warm", "layout", "access", "web_auth"},
     {"app"},
     {"cli", "__main__"},

@@ -20,9 +20,11 @@ from typing import IO
 
 from .errors import ManifestInvalid, OCIError
 from .images import Descriptor, children, is_index, referenced_blobs
-from .manifest import MANIFEST_TYPES, manifest_media_type
+from .manifest import MANIFEST_TYPES, OCI_INDEX, manifest_media_type
 from .reference import Digest, ImageReference, parse_digest, parse_image_reference
+from .referrers import index_body, referrers_tag
 from .service import PullThroughCache
+from .upstream import Upstream
 
 __all__ = ["LayoutError", "Plan", "export_layout", "import_layout", "plan_export"]
 
@@ -86,7 +88,50 @@ async def plan_export(cache: PullThroughCache, references: list[ImageReference])
                 "annotations": {REF_NAME: _ref_name(upstream.name, repository, reference)},
             }
         )
+        await _plan_referrers(cache, plan, upstream, repository, reference, top.digest)
     return plan
+
+
+async def _plan_referrers(
+    cache: PullThroughCache,
+    plan: Plan,
+    upstream: Upstream,
+    repository: str,
+    reference: ImageReference,
+    subject: Digest,
+) -> None:
+    """The cached referrers of an image, written as its referrers tag (the spec's tag
+    schema): import loads it like any tagged index, and offline serving reads it back."""
+    answer = await cache.get_referrers(upstream, repository, subject, None)
+    kept: list[dict[str, object]] = []
+    for raw in answer.manifests:
+        try:
+            digest = parse_digest(str(raw.get("digest", "")))
+            manifest = await cache.get_manifest(upstream, repository, digest, MANIFEST_TYPES)
+            blobs = referenced_blobs(manifest.body)  # an index as referrer is not carried
+        except OCIError:
+            plan.skipped.append(f"{reference} referrer {raw.get('digest')}")
+            continue
+        if not all(cache.store.has_blob(b.digest) for b in blobs):
+            plan.skipped.append(f"{reference} referrer {digest}")
+            continue
+        plan.manifests[digest] = manifest.body
+        plan.blobs.update((b.digest, b.size) for b in blobs)
+        kept.append(raw)
+    if not kept:
+        return
+    body = index_body(kept)
+    digest = Digest.of(body)
+    plan.manifests[digest] = body
+    name = f"{upstream.name}/{repository}:{referrers_tag(subject)}"
+    plan.index.append(
+        {
+            "mediaType": OCI_INDEX,
+            "digest": str(digest),
+            "size": len(body),
+            "annotations": {REF_NAME: name},
+        }
+    )
 
 
 def _add(tar: tarfile.TarFile, name: str, size: int, source: IO[bytes]) -> None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .errors import OCIError
 from .images import Descriptor, Platform, children, is_index, referenced_blobs
 from .manifest import MANIFEST_TYPES
-from .reference import ImageReference
+from .reference import Digest, ImageReference
 from .service import PullThroughCache
 from .upstream import Upstream
 
@@ -28,6 +28,7 @@ __all__ = ["WarmSummary", "warm"]
 class WarmSummary:
     images: int = 0
     manifests: int = 0
+    referrers: int = 0
     blobs: int = 0
     bytes_fetched: int = 0
     bytes_present: int = 0
@@ -35,7 +36,9 @@ class WarmSummary:
 
     def __str__(self) -> str:
         return (
-            f"{self.images} images, {self.manifests} manifests, {self.blobs} blobs: "
+            f"{self.images} images, {self.manifests} manifests, {self.blobs} blobs"
+            + (f", {self.referrers} referrers" if self.referrers else "")
+            + ": "
             f"{_size(self.bytes_fetched)} fetched, {_size(self.bytes_present)} already present"
             + (f", {len(self.failures)} failed" if self.failures else "")
         )
@@ -95,6 +98,7 @@ class _Image:
                 self._count_manifest(manifest.result, len(manifest.body))
                 images.append(manifest.body)
         blobs = {d.digest: d for body in images for d in referenced_blobs(body)}
+        blobs.update(await self._referrers(upstream, repository, top.digest))
         total = sum(d.size for d in blobs.values())
         self.layers_total = len(blobs)
         if self.total_bar is not None:
@@ -112,6 +116,29 @@ class _Image:
         self.summary.images += 1
         if self.total_bar is None:
             print(f"warmed {self.reference}: {len(blobs)} blobs, {_size(total)}", flush=True)
+
+    async def _referrers(
+        self, upstream: Upstream, repository: str, subject: Digest
+    ) -> dict[Digest, Descriptor]:
+        """The image's signatures, SBOMs and attestations, and the blobs they need, so
+        that they verify on the far side of an air gap too."""
+        answer = await self.cache.get_referrers(upstream, repository, subject, None)
+        blobs: dict[Digest, Descriptor] = {}
+        for referrer in children(answer.body):
+            try:
+                manifest = await self.cache.get_manifest(
+                    upstream, repository, referrer.digest, MANIFEST_TYPES
+                )
+                if not is_index(manifest.media_type):
+                    blobs.update((d.digest, d) for d in referenced_blobs(manifest.body))
+            except OCIError as exc:
+                self.summary.failures.append(
+                    (f"{self.reference} referrer {referrer.digest}", str(exc))
+                )
+                continue
+            self._count_manifest(manifest.result, len(manifest.body))
+            self.summary.referrers += 1
+        return blobs
 
     def _count_manifest(self, result: str, size: int) -> None:
         self.summary.manifests += 1

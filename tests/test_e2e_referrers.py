@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,7 +88,7 @@ def _push_referrers(
 
 def _referrers_and_artifacts(
     url: str, repo: str, subject: str
-) -> tuple[list[object], dict[str, bytes]]:
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """The referrers index's descriptors, and each artifact with its blobs, as served."""
     with httpx.Client(base_url=url, timeout=30) as client:
         listed = client.get(f"/v2/{repo}/referrers/{subject}")
@@ -119,7 +120,8 @@ def test_referrers_cross_an_air_gap_with_their_image(tmp_path: Path) -> None:
         size = len(upstream.get_manifest("library/signed", "1").content)
         pushed = _push_referrers(upstream, "library/signed", subject, size)
         # docker-registry has no referrers API: the mirror answers from the tag.
-        assert upstream.client().get(f"/v2/library/signed/referrers/{subject}").status_code == 404
+        with upstream.client() as client:
+            assert client.get(f"/v2/library/signed/referrers/{subject}").status_code == 404
         connected = MirrorProcess(
             [{"name": "docker.io", "url": upstream.url}], workdir=tmp_path / "connected"
         )

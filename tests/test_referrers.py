@@ -13,15 +13,18 @@ import pytest
 
 from mirror.app import create_app
 from mirror.manifest import OCI_INDEX, OCI_MANIFEST
-from mirror.reference import Digest
+from mirror.reference import Digest, parse_image_reference
 from mirror.referrers import referrers_tag
-from tests.conftest import Clock, app_client, make_settings
+from mirror.warm import warm
+from tests.conftest import Clock, app_client, live_server, make_settings
 from tests.fakes import FakeRegistry
+from tests.support.referrers_registry import ReferrersRegistry
 
 pytestmark = pytest.mark.anyio
 
 SIG = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 SUBJECT = "sha256:" + "d" * 64
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -183,3 +186,58 @@ async def test_offline_serves_cached_referrers_and_an_empty_index_otherwise(
     assert again.content == cached.content
     assert unknown.status_code == 200 and unknown.json()["manifests"] == []
     assert referrers.calls == 1 and fake.total == 0
+
+
+async def test_an_upstream_with_the_api_is_passed_through_warmed_and_served_offline(
+    tmp_path: Path, clock: Clock
+) -> None:
+    registry = ReferrersRegistry(page_size=1)
+    empty = registry.add_blob(b"{}", "application/vnd.oci.empty.v1+json")
+    config = registry.add_blob(b'{"os":"linux","architecture":"amd64"}', OCI_CONFIG)
+    layer = registry.add_blob(b"layer", "application/vnd.oci.image.layer.v1.tar")
+    image = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}
+    subject = registry.add_manifest("library/signed", image, tag="1")
+    subject_descriptor = {"mediaType": OCI_MANIFEST, "digest": subject, "size": 0}
+    for artifact_type in (SIG, SBOM):
+        payload = registry.add_blob(artifact_type.encode(), artifact_type)
+        artifact = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": empty,
+            "layers": [payload],
+            "subject": subject_descriptor,
+            "annotations": {"kind": artifact_type},
+        }
+        registry.add_manifest("library/signed", artifact)
+    expected = registry.referrers("library/signed", subject)
+    async with live_server(registry.app) as upstream:
+        settings = make_settings(tmp_path, url=upstream.url)
+        app = create_app(settings, now=clock)
+        async with app_client(app) as client:
+            listed = await client.get(f"/v2/library/signed/referrers/{subject}")
+            assert listed.headers["Content-Type"] == OCI_INDEX
+            assert listed.json()["manifests"] == expected  # both pages, as one
+            signed = await client.get(
+                f"/v2/library/signed/referrers/{subject}", params={"artifactType": SIG}
+            )
+            assert signed.json()["manifests"] == [d for d in expected if d["artifactType"] == SIG]
+            asked = [r for r in registry.requests if "/referrers/" in r]
+            assert len(asked) == 2  # two pages, once: the filter was applied from the cache
+            summary = await warm(
+                app.state.cache, [parse_image_reference("library/signed:1")], None, 4
+            )
+            assert summary.referrers == 2 and not summary.failures
+    offline_settings = replace(settings, cache=replace(settings.cache, offline=True))
+    async with app_client(create_app(offline_settings, now=clock)) as client:
+        again = await client.get(f"/v2/library/signed/referrers/{subject}")
+        assert again.json()["manifests"] == expected
+        for descriptor in expected:
+            served = await client.get(
+                f"/v2/library/signed/manifests/{descriptor['digest']}",
+                headers={"Accept": OCI_MANIFEST},
+            )
+            assert served.status_code == 200
+            for blob in served.json()["layers"]:
+                got = await client.get(f"/v2/library/signed/blobs/{blob['digest']}")
+                assert got.content == registry.blobs[blob["digest"]]

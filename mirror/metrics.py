@@ -69,8 +69,8 @@ class Metrics:
         )
         self.cache_results = Counter(
             "mirror_cache_requests_total",
-            "Cache lookups by kind (manifest, blob) and result (hit, miss, revalidated, stale, "
-            "coalesced, negative_hit).",
+            "Cache lookups by kind (manifest, blob, referrers) and result (hit, miss, revalidated, "
+            "stale, coalesced, negative_hit).",
             ["kind", "result"],
             registry=r,
         )

@@ -30,6 +30,7 @@ from .config import Settings
 from .errors import (
     BlobUnknown,
     DigestMismatch,
+    ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     OCIError,
@@ -427,10 +428,11 @@ class PullThroughCache:
         return await self.referrers.get(upstream, repository, digest, artifact_type)
 
     async def _referrers_tag(self, upstream: Upstream, repository: str, tag: str) -> bytes | None:
-        """The index a referrers tag holds, through the tag cache; None when there is none."""
+        """The index a referrers tag holds, through the tag cache; None when there is no
+        valid one (the spec's clients then assume no referrers)."""
         try:
             return (await self.get_manifest(upstream, repository, tag, (OCI_INDEX,))).body
-        except ManifestUnknown:
+        except (ManifestUnknown, ManifestInvalid):
             return None
 
     async def catalog(

@@ -160,6 +160,18 @@ async def test_without_the_api_the_tag_schema_answers(
     assert found.headers["OCI-Filters-Applied"] == "artifactType"
 
 
+async def test_a_referrers_tag_that_holds_no_valid_index_means_no_referrers(
+    mirror: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    tag = referrers_tag(Digest("sha256", "d" * 64))
+    fake.add_manifest("library/a", tag, "application/vnd.oci.image.index.v1+json", b"[not json")
+    fake.add_image("library/b", tag, [b"an image, not an index"])
+    for repository in ("library/a", "library/b"):
+        response = await mirror.get(f"/v2/{repository}/referrers/{SUBJECT}")
+        assert response.status_code == 200
+        assert response.json()["manifests"] == []
+
+
 async def test_an_oversized_upstream_answer_is_refused(
     mirror: httpx.AsyncClient, referrers: Referrers
 ) -> None:

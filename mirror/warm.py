@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .errors import OCIError
 from .images import Descriptor, Platform, children, is_index, referenced_blobs
 from .manifest import MANIFEST_TYPES
-from .reference import Digest, ImageReference
+from .reference import Digest, ImageReference, parse_digest
 from .service import PullThroughCache
 from .upstream import Upstream
 
@@ -124,17 +124,17 @@ class _Image:
         that they verify on the far side of an air gap too."""
         answer = await self.cache.get_referrers(upstream, repository, subject, None)
         blobs: dict[Digest, Descriptor] = {}
-        for referrer in children(answer.body):
+        for referrer in answer.manifests:
             try:
+                digest = parse_digest(str(referrer.get("digest", "")))
                 manifest = await self.cache.get_manifest(
-                    upstream, repository, referrer.digest, MANIFEST_TYPES
+                    upstream, repository, digest, MANIFEST_TYPES
                 )
                 if not is_index(manifest.media_type):
                     blobs.update((d.digest, d) for d in referenced_blobs(manifest.body))
             except OCIError as exc:
-                self.summary.failures.append(
-                    (f"{self.reference} referrer {referrer.digest}", str(exc))
-                )
+                where = f"{self.reference} referrer {str(referrer.get('digest'))[:80]}"
+                self.summary.failures.append((where, str(exc)))
                 continue
             self._count_manifest(manifest.result, len(manifest.body))
             self.summary.referrers += 1

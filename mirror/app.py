@@ -261,6 +261,8 @@ def create_app(
         found = await cache.get_referrers(upstream, repository, digest, artifact_type)
         request.state.cache_result = found.result
         headers = {"OCI-Filters-Applied": found.filters_applied} if found.filters_applied else {}
+        if found.result == "stale":
+            headers["Warning"] = '110 mirror "Response is Stale"'
         return Response(found.body, media_type=OCI_INDEX, headers=headers)
 
     async def catalog(request: Request) -> Response:

@@ -101,6 +101,8 @@ async def test_an_upstream_answer_is_cached_like_a_tag_and_served_stale(
     stale = await mirror.get(f"/v2/library/a/referrers/{SUBJECT}")
     assert stale.status_code == 200
     assert stale.content == moved.content
+    assert stale.headers["Warning"] == '110 mirror "Response is Stale"'
+    assert "Warning" not in moved.headers
 
 
 async def test_the_filter_is_applied_when_the_upstream_ignores_it(

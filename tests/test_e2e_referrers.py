@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from mirror.manifest import OCI_INDEX, OCI_MANIFEST
+from tests.support import skopeo
 from tests.support.images import write_image
 from tests.support.mirror import MirrorProcess, run_cli
 from tests.support.registry import UpstreamRegistry
@@ -50,10 +51,9 @@ def _push_manifest(
 
 def _push_referrers(
     upstream: UpstreamRegistry, repo: str, subject: str, subject_size: int
-) -> dict[str, bytes]:
+) -> list[dict[str, Any]]:
     """A signature and an SBOM of ``subject``, and its referrers tag, as cosign or oras
-    push them to a registry without the referrers API. Returns their bodies by digest."""
-    pushed: dict[str, bytes] = {}
+    push them to a registry without the referrers API. Returns the tag's descriptors."""
     descriptors = []
     with upstream.client() as client:
         empty = _push_blob(client, repo, b"{}", EMPTY)
@@ -70,7 +70,6 @@ def _push_referrers(
             }
             body = json.dumps(manifest).encode()
             digest = _push_manifest(client, repo, _digest(body), OCI_MANIFEST, body)
-            pushed[digest] = body
             descriptors.append(
                 {
                     "mediaType": OCI_MANIFEST,
@@ -83,7 +82,7 @@ def _push_referrers(
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
         tag = subject.replace(":", "-")
         _push_manifest(client, repo, tag, OCI_INDEX, json.dumps(index).encode())
-    return pushed
+    return descriptors
 
 
 def _referrers_and_artifacts(
@@ -119,6 +118,10 @@ def test_referrers_cross_an_air_gap_with_their_image(tmp_path: Path) -> None:
         subject = upstream.manifest_digest("library/signed", "1")
         size = len(upstream.get_manifest("library/signed", "1").content)
         pushed = _push_referrers(upstream, "library/signed", subject, size)
+        upstream_content = {
+            d["digest"]: upstream.get_manifest("library/signed", d["digest"]).content
+            for d in pushed
+        }
         # docker-registry has no referrers API: the mirror answers from the tag.
         with upstream.client() as client:
             assert client.get(f"/v2/library/signed/referrers/{subject}").status_code == 404
@@ -126,10 +129,13 @@ def test_referrers_cross_an_air_gap_with_their_image(tmp_path: Path) -> None:
             [{"name": "docker.io", "url": upstream.url}], workdir=tmp_path / "connected"
         )
         with connected:
+            pulled = skopeo.copy_to_dir(connected.ref("library/signed:1"), tmp_path / "cold")
+            assert pulled == subject
             listed, content = _referrers_and_artifacts(connected.url, "library/signed", subject)
-            assert {m["digest"] for m in listed} == set(pushed)
+            assert listed == pushed  # the upstream's referrers, as its tag lists them
             for digest, data in content.items():
                 assert _digest(data) == digest
+            assert {d: content[d] for d in upstream_content} == upstream_content
             nothing = httpx.get(
                 f"{connected.url}/v2/library/signed/referrers/{'sha256:' + '0' * 64}"
             )
@@ -151,6 +157,8 @@ def test_referrers_cross_an_air_gap_with_their_image(tmp_path: Path) -> None:
     imported = run_cli("import", str(archive), "--config", str(island.config_path))
     assert imported.returncode == 0, imported.stderr
     with island:
+        pulled = skopeo.copy_to_dir(island.ref("library/signed:1"), tmp_path / "offline")
+        assert pulled == subject
         offline_listed, offline_content = _referrers_and_artifacts(
             island.url, "library/signed", subject
         )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 # .app) at module level: it picks its multiprocess mode when first imported, and
 # `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
 from .config import ConfigError, Settings, UpstreamSettings, load
-from .errors import Denied, OCIError, Unauthorized
+from .errors import Denied, OCIError, UpstreamRefused
 from .logs import configure_logging
 from .manifest import MANIFEST_TYPES
 from .reference import ImageReference, parse_image_reference
@@ -122,7 +122,7 @@ async def _check_one(settings: UpstreamSettings) -> tuple[bool, str]:
             # Docker's documented way to read the pull limit without spending a pull.
             with contextlib.suppress(OCIError):
                 await upstream.head_manifest("ratelimitpreview/test", "latest", MANIFEST_TYPES)
-    except (Unauthorized, Denied) as exc:
+    except (UpstreamRefused, Denied) as exc:
         return False, f"reachable, but authentication {who} failed: {exc.message}"
     except OCIError as exc:
         return False, f"not usable: {exc.message}"

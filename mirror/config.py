@@ -55,6 +55,9 @@ class UpstreamSettings:
     breaker_failures: int = 3  # failed requests in a row that mark the upstream down
     breaker_cooldown: float = 30.0  # seconds a down upstream is left alone before a probe
     tls_verify: bool | str = True  # True, False (said explicitly) or a CA bundle path
+    # Token realms off the upstream's own host that may receive its credentials;
+    # Docker Hub's is the default for registry-1.docker.io.
+    auth_realms: tuple[str, ...] = ()
 
     @property
     def official_prefix(self) -> bool:
@@ -272,7 +275,34 @@ def _upstream(raw: Mapping[str, Any], key: str, environ: Mapping[str, str]) -> U
             raw.get("breaker_cooldown", defaults.breaker_cooldown), f"{key}.breaker_cooldown"
         ),
         tls_verify=tls_verify,
+        auth_realms=_auth_realms(raw, key, url),
     )
+
+
+# Registries whose token service lives on another host than their API.
+_KNOWN_REALMS = {"registry-1.docker.io": ("https://auth.docker.io/token",)}
+
+
+def _auth_realms(raw: Mapping[str, Any], key: str, url: str) -> tuple[str, ...]:
+    value = raw.get("auth_realms")
+    if value is None:
+        return _KNOWN_REALMS.get(urlsplit(url).hostname or "", ())
+    if isinstance(value, str):  # from the environment: comma-separated
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}.auth_realms", "expected a list of token realm URLs")
+    realms = []
+    for realm in value:
+        parts = urlsplit(_str(realm, f"{key}.auth_realms"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{key}.auth_realms", f"expected http(s)://host/path, got {realm!r}")
+        if parts.scheme == "http" and url.startswith("https:"):
+            raise ConfigError(
+                f"{key}.auth_realms",
+                f"{realm!r}: an https upstream never sends its credentials over http",
+            )
+        realms.append(realm)
+    return tuple(realms)
 
 
 def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:

@@ -10,8 +10,8 @@ error JSON.
     ├── ManifestInvalid (400)    ├── Unsupported (405)
     ├── RangeNotSatisfiable(416) ├── TooManyRequests (429)
     ├── BlobUnknown (404)        └── Unavailable (503)
-    ├── ManifestUnknown (404)        └── DigestMismatch
-    ├── NameUnknown (404)
+    ├── ManifestUnknown (404)        ├── DigestMismatch
+    ├── NameUnknown (404)            └── UpstreamRefused
     ├── PaginationInvalid (400)
     └── QueryInvalid (400)
 """
@@ -35,6 +35,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "Unsupported",
+    "UpstreamRefused",
 ]
 
 
@@ -115,3 +116,12 @@ class QueryInvalid(OCIError):
 
 class DigestMismatch(Unavailable):
     """The upstream sent content that does not hash to its digest; nothing was cached."""
+
+
+class UpstreamRefused(Unavailable):
+    """An upstream exchange that cannot succeed as configured, though the upstream is up.
+
+    The upstream refused the mirror's own credentials, or led somewhere the mirror
+    will not follow (a token realm or a redirect target its configuration does not
+    allow). Never a 401: the client's credentials are not what failed.
+    """

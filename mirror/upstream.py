@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .auth import RegistryAuth
+from .auth import RegistryAuth, parse_challenges
 from .breaker import CircuitBreaker
 from .config import UpstreamSettings
 from .errors import (
@@ -29,11 +30,12 @@ from .errors import (
     NameUnknown,
     OCIError,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
+    UpstreamRefused,
 )
 from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
 from .metrics import Metrics
+from .redirects import RedirectGuard
 from .reference import Digest, parse_digest
 
 __all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "ReferrersPage", "Upstream"]
@@ -125,19 +127,33 @@ class Upstream:
             "timeout": timeout,
             "limits": limits,
             "transport": transport,
-            "verify": settings.tls_verify,
+            "verify": (
+                ssl.create_default_context(cafile=settings.tls_verify)
+                if isinstance(settings.tls_verify, str)
+                else settings.tls_verify
+            ),
             "headers": {"User-Agent": "mirror/0.1"},
             "event_hooks": {"request": [self._on_request], "response": [self._on_response]},
         }
         self._token_client = httpx.AsyncClient(**common)  # type: ignore[arg-type]
+        auth = RegistryAuth(
+            self._token_client,
+            settings.url,
+            settings.username,
+            settings.password,
+            now,
+            allowed_realms=settings.auth_realms,
+            token_timeout=settings.read_timeout,
+        )
         self._client = httpx.AsyncClient(
             base_url=settings.url,
-            auth=RegistryAuth(self._token_client, settings.username, settings.password, now),
+            auth=auth,
             # Docker Hub answers blob GETs with a redirect to a CDN; httpx drops the
             # Authorization header when a redirect leaves the upstream's origin.
             follow_redirects=True,
             **common,  # type: ignore[arg-type]
         )
+        self._client.event_hooks["request"].append(RedirectGuard(settings.url))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -166,6 +182,8 @@ class Upstream:
             delay = _BACKOFF_SECONDS * 2**attempt
             try:
                 response = await self._client.send(request, stream=True)
+            except UpstreamRefused:
+                raise  # a configuration matter: the upstream is up
             except OCIError:
                 self._set_up(False)  # the token service failed
                 raise
@@ -239,7 +257,7 @@ class Upstream:
         if status == 404:
             return unknown(f"{unknown.code.lower().replace('_', ' ')} ({where})")
         if status == 401:
-            return Unauthorized(f"{where}: not authorized")
+            return self._refusal(response, unknown, where)
         if status == 403:
             return Denied(f"{where}: access denied")
         if status == 429:
@@ -248,6 +266,23 @@ class Upstream:
                 where, headers={"Retry-After": retry_after} if retry_after else {}
             )
         return Unavailable(where)
+
+    def _refusal(self, response: httpx.Response, unknown: type[OCIError], where: str) -> OCIError:
+        """An upstream 401, which is never the client's to answer: the mirror's own
+        credentials, or no credentials, were refused."""
+        challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
+        if any(c.error == "insufficient_scope" for c in challenges):
+            # Docker Hub's answer for a repository that is missing or private to us.
+            return unknown(
+                f"{unknown.code.lower().replace('_', ' ')} ({where}: insufficient_scope)"
+            )
+        if response.url.host != self._client.base_url.host:
+            return UpstreamRefused(f"{where}: blob storage at {response.url.host} refused access")
+        if self.settings.username:
+            log.warning("upstream %s refused user %s", self.name, self.settings.username)
+            return UpstreamRefused(f"{where}: it refused the mirror's own credentials")
+        log.warning("upstream %s wants credentials; none are configured", self.name)
+        return UpstreamRefused(f"{where}: it wants credentials the mirror is not configured with")
 
     async def get_manifest(
         self, repository: str, reference: str | Digest, accept: tuple[str, ...]

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from mirror.app import create_app
 from mirror.config import Settings, parse
-from tests.fakes import FakeRegistry
+from tests.fakes import TOKEN_REALM, FakeRegistry
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess
 from tests.support.registry import UpstreamRegistry
@@ -46,7 +46,13 @@ def fake() -> FakeRegistry:
 
 
 def make_settings(tmp_path: Path, **upstream: object) -> Settings:
-    entry = {"name": "docker.io", "url": "http://upstream.fake", "retries": 0, **upstream}
+    entry = {
+        "name": "docker.io",
+        "url": "http://upstream.fake",
+        "retries": 0,
+        "auth_realms": [TOKEN_REALM],  # the fake's token service is on another host
+        **upstream,
+    }
     return parse(
         {"cache": {"directory": str(tmp_path / "cache")}, "upstreams": [entry]}, environ={}
     )

@@ -11,7 +11,7 @@ from mirror.app import create_app
 from mirror.config import parse
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import Clock, app_client, make_settings
-from tests.fakes import FakeRegistry, digest_of
+from tests.fakes import TOKEN_REALM, FakeRegistry, digest_of
 
 pytestmark = pytest.mark.anyio
 
@@ -224,14 +224,19 @@ async def test_upstream_unreachable_is_unavailable(
     assert response.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
-@pytest.mark.parametrize(("status", "code"), [(401, "UNAUTHORIZED"), (403, "DENIED")])
+@pytest.mark.parametrize(
+    ("status", "answer", "code"), [(401, 503, "UNAVAILABLE"), (403, 403, "DENIED")]
+)
 async def test_upstream_refusals_map_to_oci_codes(
-    client: httpx.AsyncClient, fake: FakeRegistry, status: int, code: str
+    client: httpx.AsyncClient, fake: FakeRegistry, status: int, answer: int, code: str
 ) -> None:
+    # An upstream 401 is about the mirror's credentials, not the client's: never a
+    # 401 (which would need a challenge, and send the client to log in).
     fake.status = status
     response = await client.get("/v2/library/a/manifests/1", headers={"Accept": ALL})
-    assert response.status_code == status
+    assert response.status_code == answer
     assert response.json()["errors"][0]["code"] == code
+    assert "WWW-Authenticate" not in response.headers
 
 
 async def test_no_credential_or_token_reaches_a_response_or_a_log_line(
@@ -249,6 +254,7 @@ async def test_no_credential_or_token_reaches_a_response_or_a_log_line(
                     "retries": 0,
                     "username_env": "U",
                     "password_env": "P",
+                    "auth_realms": [TOKEN_REALM],
                 }
             ],
         },
@@ -264,7 +270,7 @@ async def test_no_credential_or_token_reaches_a_response_or_a_log_line(
         ]
         fake.status = 401
         responses.append(await client.get("/v2/library/b/manifests/1", headers={"Accept": ALL}))
-    assert responses[0].status_code == 200 and responses[-1].status_code == 401
+    assert responses[0].status_code == 200 and responses[-1].status_code == 503
     wire = "".join(str(r.headers) + r.text for r in responses)
     for secret in ("s3cret-password", "good-token"):
         assert secret not in wire

@@ -24,6 +24,7 @@ LAYERS = [
         "manifest",
         "images",
         "auth",
+        "redirects",
         "store",
         "security.users",
         "security.tokens",

@@ -1,0 +1,297 @@
+"""Upstream credentials go only where they belong (issue 10), over real HTTP on loopback.
+
+127.0.0.1 is the upstream (token auth with Basic-credentialed token requests), 127.0.0.2
+its blob storage, 127.0.0.3 a stranger nobody configured. The mirror runs in process and
+talks to them over real sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from mirror.app import create_app
+from mirror.auth import MAX_TOKEN_ANSWER, parse_challenges, realm_allowed
+from mirror.config import Settings, parse
+from mirror.manifest import OCI_MANIFEST
+from tests.conftest import app_client
+from tests.support.dialects import BlobStorage, DialectRegistry, Stranger
+from tests.support.hosts import AppServer
+from tests.support.upstream_ca import TlsFiles, make_tls_files
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "s3cret-upstream-password"
+ACCEPT = {"Accept": OCI_MANIFEST}
+
+
+def settings_for(tmp_path: Path, url: str, **upstream: object) -> Settings:
+    entry = {"name": "reg.test", "url": url, "retries": 0, **upstream}
+    entry.update(username_env="U", password_env="P")
+    return parse(
+        {"cache": {"directory": str(tmp_path / "cache")}, "upstreams": [entry]},
+        {"U": "alice", "P": PASSWORD},
+    )
+
+
+def add_image(registry: DialectRegistry, repository: str, layer: bytes) -> str:
+    """An image of one layer under ``repository:1``; returns the layer's digest."""
+    config = b'{"architecture":"amd64","os":"linux"}'
+    digest = registry.add_blob(layer)
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": registry.add_blob(config),
+            "size": len(config),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": len(layer),
+            }
+        ],
+    }
+    registry.add_manifest(repository, "1", OCI_MANIFEST, json.dumps(document).encode())
+    return digest
+
+
+class Hosts:
+    def __init__(self) -> None:
+        self.stranger = Stranger()
+        self.registry = DialectRegistry(users={"alice": PASSWORD}, anonymous={"open/x"})
+        self.storage = BlobStorage(self.registry.blobs)
+        self.servers: list[AppServer] = []
+
+    def serve(self, app: Starlette, host: str, tls: TlsFiles | None = None) -> AppServer:
+        cert, key = (tls.cert, tls.key) if tls else (None, None)
+        server = AppServer(app, host, certfile=cert, keyfile=key)
+        self.servers.append(server)
+        return server.start()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    hosts = Hosts()
+    try:
+        stranger = hosts.serve(hosts.stranger.app, "127.0.0.3")
+        hosts.storage.challenge_realm = f"{stranger.url}/steal"
+        hosts.registry.blob_storage = hosts.serve(hosts.storage.app, "127.0.0.2").url
+        hosts.registry.url = hosts.serve(hosts.registry.app, "127.0.0.1").url
+        yield hosts
+    finally:
+        hosts.stop()
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("upstream-ca"))
+
+
+async def test_a_stranger_realm_named_by_blob_storage_gets_nothing(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = hosts.registry
+    open_blob = add_image(registry, "open/x", b"open layer")
+    team_blob = add_image(registry, "team/a", b"team layer")
+    add_image(registry, "team/b", b"other layer")
+    caplog.set_level(logging.DEBUG)
+    async with app_client(create_app(settings_for(tmp_path, registry.url))) as client:
+        answers = [
+            # before the upstream ever challenged: blob storage's challenge comes first
+            await client.get(f"/v2/open/x/blobs/{open_blob}"),
+            await client.get("/v2/team/a/manifests/1", headers=ACCEPT),
+            await client.get(f"/v2/team/a/blobs/{team_blob}"),
+            # later repositories still get their tokens from the upstream's own realm
+            await client.get("/v2/team/b/manifests/1", headers=ACCEPT),
+            await client.get(f"/v2/open/x/blobs/{open_blob}"),
+        ]
+    assert [a.status_code for a in answers] == [503, 200, 503, 200, 503]
+    assert {a.json()["errors"][0]["code"] for a in answers[::2]} == {"UNAVAILABLE"}
+    assert hosts.stranger.recorder.seen == []
+    assert hosts.storage.recorder.seen  # the redirects were followed, without credentials
+    assert not any(s.carries_secrets for s in hosts.storage.recorder.seen)
+    tokens = [s for s in registry.recorder.seen if s.path == "/token"]
+    assert [t.query.rpartition("scope=")[2] for t in tokens] == [
+        "repository%3Ateam%2Fa%3Apull",
+        "repository%3Ateam%2Fb%3Apull",
+        "repository%3Aopen%2Fx%3Apull",  # the realm is known now: asked before the GET
+    ]
+    assert all(t.headers["authorization"].startswith("Basic ") for t in tokens)
+    sent = {s.headers.get("authorization", "") for s in registry.recorder.seen}
+    assert not any("stolen" in header for header in sent)
+    for secret in (PASSWORD, *(h.partition(" ")[2] for h in sent if h.startswith("Bearer"))):
+        assert secret not in caplog.text
+        assert all(secret not in a.text for a in answers)
+
+
+async def test_blob_storage_gets_neither_credentials_nor_tokens(
+    tmp_path: Path, hosts: Hosts
+) -> None:
+    hosts.storage.challenge_realm = None
+    blob = add_image(hosts.registry, "team/a", b"layer bytes" * 1000)
+    async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
+        response = await client.get(f"/v2/team/a/blobs/{blob}")
+    assert response.status_code == 200 and response.content == b"layer bytes" * 1000
+    (seen,) = hosts.storage.recorder.seen
+    assert not seen.carries_secrets
+    assert not any("token" in value.lower() for value in seen.headers.values())
+
+
+async def test_a_realm_on_a_host_not_allowed_is_refused(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_image(hosts.registry, "team/a", b"layer")
+    hosts.registry.realm_override = f"{hosts.servers[0].url}/token"  # the stranger's
+    async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
+        response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
+    assert response.status_code == 503
+    assert "WWW-Authenticate" not in response.headers
+    assert "auth_realms" in response.json()["errors"][0]["message"]
+    assert "auth_realms" in caplog.text
+    assert hosts.stranger.recorder.seen == []
+
+
+async def test_an_https_upstream_never_sends_credentials_to_an_http_realm(
+    tmp_path: Path, hosts: Hosts, tls: TlsFiles
+) -> None:
+    add_image(hosts.registry, "team/a", b"layer")
+    plain = hosts.serve(hosts.stranger.app, "127.0.0.1")  # same host, plain http
+    secure = hosts.serve(hosts.registry.app, "127.0.0.1", tls)
+    hosts.registry.url = secure.url
+    hosts.registry.realm_override = f"{plain.url}/token"
+    settings = settings_for(tmp_path, secure.url, ca_bundle=str(tls.ca))
+    async with app_client(create_app(settings)) as client:
+        refused = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
+        hosts.registry.realm_override = None  # its own https realm
+        served = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
+    assert refused.status_code == 503
+    assert hosts.stranger.recorder.seen == []
+    assert served.status_code == 200
+
+
+def test_an_http_realm_for_an_https_upstream_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="auth_realms"):
+        parse(
+            {
+                "upstreams": [
+                    {"name": "a.io", "url": "https://a.io", "auth_realms": ["http://b.io/t"]}
+                ]
+            },
+            {},
+        )
+
+
+def test_docker_hub_realm_is_allowed_by_default_and_no_other() -> None:
+    settings = parse(
+        {"upstreams": [{"name": "docker.io", "url": "https://registry-1.docker.io"}]}, {}
+    )
+    upstream = httpx.URL(settings.default_upstream.url)
+    realms = settings.default_upstream.auth_realms
+    assert realm_allowed(upstream, "https://auth.docker.io/token", realms)
+    assert not realm_allowed(upstream, "http://auth.docker.io/token", realms)
+    assert not realm_allowed(upstream, "https://auth.docker.io.evil/token", realms)
+    assert not realm_allowed(upstream, "https://evil.example/token", realms)
+    assert realm_allowed(upstream, "https://registry-1.docker.io:8443/token", ())
+
+
+def test_each_challenge_is_parsed_apart() -> None:
+    two_lines = parse_challenges(['Bearer realm="https://a/t?x=1,2",scope="s"', 'Basic realm="b"'])
+    one_line = parse_challenges(
+        ['Basic realm="b", Bearer realm="https://a/t",error="insufficient_scope"']
+    )
+    assert [(c.scheme, c.realm) for c in two_lines] == [
+        ("bearer", "https://a/t?x=1,2"),
+        ("basic", "b"),
+    ]
+    assert two_lines[0].scope == "s"
+    assert [(c.scheme, c.realm, c.error) for c in one_line] == [
+        ("basic", "b", ""),
+        ("bearer", "https://a/t", "insufficient_scope"),
+    ]
+    assert parse_challenges(['Bearer realm="a \\"quoted\\" b"'])[0].realm == 'a "quoted" b'
+    assert parse_challenges(["Negotiate abc", ""]) == []
+
+
+@pytest.mark.parametrize("answer", ["oversized", "endless"])
+async def test_a_token_answer_is_read_with_a_cap(tmp_path: Path, hosts: Hosts, answer: str) -> None:
+    async def token(request: Request) -> Response:
+        if answer == "oversized":
+            return Response(b"{" + b" " * (2 * MAX_TOKEN_ANSWER) + b"}")
+
+        async def forever() -> AsyncIterator[bytes]:
+            for _ in range(16 * 1024):  # 1 GiB, no Content-Length: endless for the mirror
+                if await request.is_disconnected():
+                    return
+                yield b" " * 65536
+
+        return StreamingResponse(forever())
+
+    hostile = hosts.serve(Starlette(routes=[Route("/token", token)]), "127.0.0.1")
+    add_image(hosts.registry, "team/a", b"layer")
+    hosts.registry.realm_override = f"{hostile.url}/token"
+    async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
+        response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
+    assert response.status_code == 503
+    assert "larger than" in response.json()["errors"][0]["message"]
+
+
+# Redirect targets, in process: the fake upstream's name does not resolve, so it counts
+# as public, and the targets are address literals (nothing is connected to).
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        ("http://127.0.0.2/blob", 503),
+        ("http://10.1.2.3/blob", 503),
+        ("http://169.254.169.254/latest/meta-data", 503),
+        ("http://[::1]/blob", 503),
+        ("http://[::ffff:192.168.1.1]/blob", 503),
+        ("http://93.184.216.34/blob", 200),
+    ],
+)
+async def test_a_public_upstream_may_not_redirect_inside(
+    tmp_path: Path, target: str, status: int
+) -> None:
+    data = b"blob bytes"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    reached: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data  # a stream, as a real transport gives: bytes count as read already
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "upstream.fake":
+            return httpx.Response(307, headers={"Location": target})
+        reached.append(str(request.url))
+        return httpx.Response(200, content=body(), headers={"Content-Length": str(len(data))})
+
+    settings = parse(
+        {
+            "cache": {"directory": str(tmp_path / "cache")},
+            "upstreams": [{"name": "docker.io", "url": "http://upstream.fake", "retries": 0}],
+        },
+        {},
+    )
+    app = create_app(settings, upstream_transport=httpx.MockTransport(handler))
+    async with app_client(app) as client:
+        response = await client.get(f"/v2/library/a/blobs/{digest}")
+    assert response.status_code == status, response.text
+    assert len(reached) == (status == 200)

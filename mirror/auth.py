@@ -197,7 +197,7 @@ class RegistryAuth(httpx.Auth):
                 log.error(
                     "upstream %s named token realm %s, which is neither on its own host "
                     "nor listed in its auth_realms; nothing was sent there",
-                    self._upstream,
+                    self._upstream.host,
                     bearer.realm,
                 )
                 raise UpstreamRefused(

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import shutil
 import sys
@@ -29,6 +28,10 @@ if TYPE_CHECKING:
     from .warm import WarmSummary
 
 __all__ = ["main"]
+
+# The cache holds what the upstream credentials opened: files 0600, directories 0700,
+# whatever creates them (SQLite, diskcache, prometheus-client, tar files).
+_UMASK = 0o077
 
 
 class UsageError(Exception):
@@ -59,6 +62,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("cache.directory", reason) from exc
     if not os.access(settings.cache.directory, os.W_OK):
         raise ConfigError("cache.directory", f"{settings.cache.directory} is not writable")
+    with contextlib.suppress(OSError):  # a directory made by older versions: 0755
+        settings.cache.directory.chmod(0o700)
     configure_logging(settings.server.log_level, settings.server.log_format)
     # Worker processes rebuild the app from the same file and environment, so the
     # flags that matter to the app travel as the environment overrides they equal.
@@ -105,6 +110,7 @@ def app_from_environment() -> object:
     """The app factory uvicorn calls in each worker."""
     from .app import create_app
 
+    os.umask(_UMASK)  # also when uvicorn is started on this factory by hand
     settings = load(Path(os.environ["MIRROR_CONFIG"]), os.environ)
     configure_logging(settings.server.log_level, settings.server.log_format)
     return create_app(settings)
@@ -307,9 +313,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    os.umask(_UMASK)
+    configure_logging("info", "text")
     try:
         return int(args.run(args))
     except ConfigError as exc:

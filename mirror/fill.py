@@ -76,7 +76,7 @@ class Fill(Progress):
         self._lock = lock
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a leftover of a dead fill; its readers keep their own inode
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         # Readers duplicate this descriptor rather than open the path, which the
         # adoption into the cache renames at a moment of its own.
         self._read_fd = os.open(path, os.O_RDONLY)

@@ -8,11 +8,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "escape_controls"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+# Line breaks and every other control character a request can smuggle into a
+# logged value (a path with %0A, a header): written out, a line is one line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(_escape, text)
+
+
+class _TextFormatter(logging.Formatter):
+    """The text format, with control characters escaped in the line itself (a
+    traceback, appended after it, keeps its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return escape_controls(super().formatMessage(record))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -45,7 +69,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

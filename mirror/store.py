@@ -70,7 +70,7 @@ class _BlobDisk(diskcache.Disk):  # type: ignore[misc]
             "blobs", digest.algorithm, digest.hex[:2], f"{digest.hex}.{os.urandom(4).hex()}"
         )
         full_path = os.path.join(self._directory, filename)
-        os.makedirs(os.path.dirname(full_path), exist_ok=True)
+        os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
         size = os.path.getsize(value.path)
         os.replace(value.path, full_path)
         return size, diskcache.core.MODE_BINARY, filename, None
@@ -159,7 +159,7 @@ class Store:
         self.tmp_dir = directory / "tmp"
         self.lock_dir = directory / "locks"
         for path in (directory, self.tmp_dir, self.lock_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._now = now
         self._index = _Index(
             str(directory),

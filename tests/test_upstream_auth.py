@@ -7,6 +7,7 @@ talks to them over real sockets.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -295,3 +296,34 @@ async def test_a_public_upstream_may_not_redirect_inside(
         response = await client.get(f"/v2/library/a/blobs/{digest}")
     assert response.status_code == status, response.text
     assert len(reached) == (status == 200)
+
+
+async def test_no_secret_reaches_a_log_line_a_metric_or_an_answer(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The credential grep of test_api_manifests, over the paths of this module."""
+    registry = hosts.registry
+    add_image(registry, "team/a", b"layer")
+    blob = add_image(registry, "team/b", b"other layer")
+    caplog.set_level(logging.DEBUG)
+    async with app_client(create_app(settings_for(tmp_path, registry.url))) as client:
+        answers = [
+            await client.get("/v2/team/a/manifests/1", headers=ACCEPT),  # served
+            await client.get(f"/v2/team/b/blobs/{blob}"),  # blob storage's stranger realm
+            await client.get("/v2/team/missing/manifests/1", headers=ACCEPT),  # 404
+        ]
+        registry.users["alice"] = "changed upstream password"
+        answers.append(await client.get("/v2/team/c/manifests/1", headers=ACCEPT))  # refused
+        answers.append(await client.get("/metrics"))
+    assert [a.status_code for a in answers] == [200, 503, 404, 503, 200]
+    basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    tokens = [
+        h["authorization"][7:]
+        for h in (s.headers for s in registry.recorder.seen)
+        if h.get("authorization", "").startswith("Bearer ")
+    ]
+    assert tokens
+    wire = "".join(str(a.headers) + a.text for a in answers)
+    for secret in (PASSWORD, basic, *tokens):
+        assert secret not in wire
+        assert secret not in caplog.text

@@ -199,6 +199,27 @@ def test_an_http_realm_for_an_https_upstream_is_a_config_error() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("not a list", "expected http"),
+        (["ftp://a/t"], "expected http"),
+        ([3], "expected a non-empty string"),
+    ],
+)
+def test_auth_realms_are_checked(value: object, error: str) -> None:
+    with pytest.raises(ValueError, match=f"upstreams\\[0\\].auth_realms: {error}"):
+        parse({"upstreams": [{"name": "a.io", "url": "http://a.io", "auth_realms": value}]}, {})
+
+
+def test_auth_realms_from_the_environment_are_a_comma_separated_list() -> None:
+    settings = parse(
+        {"upstreams": [{"name": "a.io", "url": "https://a.io"}]},
+        {"MIRROR_UPSTREAMS_0_AUTH_REALMS": "https://b.io/token, https://c.io/auth"},
+    )
+    assert settings.default_upstream.auth_realms == ("https://b.io/token", "https://c.io/auth")
+
+
 def test_docker_hub_realm_is_allowed_by_default_and_no_other() -> None:
     settings = parse(
         {"upstreams": [{"name": "docker.io", "url": "https://registry-1.docker.io"}]}, {}

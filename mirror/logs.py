@@ -10,8 +10,9 @@ import json
 import logging
 import re
 import time
+from typing import Any
 
-__all__ = ["configure_logging", "escape_controls"]
+__all__ = ["configure_logging"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Line breaks and every other control character a request can smuggle into a
@@ -27,16 +28,22 @@ def _escape(match: re.Match[str]) -> str:
     )
 
 
-def escape_controls(text: str) -> str:
-    return _CONTROL.sub(_escape, text)
-
-
 class _TextFormatter(logging.Formatter):
-    """The text format, with control characters escaped in the line itself (a
-    traceback, appended after it, keeps its own lines)."""
+    """The text format, control characters escaped. A traceback keeps its lines,
+    each indented, so no text of an exception's message starts a line of its own."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        return escape_controls(super().formatMessage(record))
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(_escape, super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + _CONTROL.sub(_escape, line) for line in text.split("\n"))
 
 
 class _JsonFormatter(logging.Formatter):

@@ -270,14 +270,14 @@ class Upstream:
     def _refusal(self, response: httpx.Response, unknown: type[OCIError], where: str) -> OCIError:
         """An upstream 401, which is never the client's to answer: the mirror's own
         credentials, or no credentials, were refused."""
+        if response.url.host != self._client.base_url.host:
+            return UpstreamRefused(f"{where}: blob storage at {response.url.host} refused access")
         challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
         if any(c.error == "insufficient_scope" for c in challenges):
             # Docker Hub's answer for a repository that is missing or private to us.
             return unknown(
                 f"{unknown.code.lower().replace('_', ' ')} ({where}: insufficient_scope)"
             )
-        if response.url.host != self._client.base_url.host:
-            return UpstreamRefused(f"{where}: blob storage at {response.url.host} refused access")
         if self.settings.username:
             log.warning("upstream %s refused user %s", self.name, self.settings.username)
             return UpstreamRefused(f"{where}: it refused the mirror's own credentials")

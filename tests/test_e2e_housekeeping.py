@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from mirror.logs import _TextFormatter
 from tests.support.dialects import DialectRegistry
 from tests.support.hosts import AppServer
 from tests.support.mirror import MirrorProcess, run_cli
@@ -68,3 +71,16 @@ def test_a_request_path_cannot_forge_a_log_line(tmp_path: Path, log_format: str)
     else:
         assert "/v2/a\\n2026-01-01" in line and "\\r\\x85\\u2028/manifests/1" in line
     assert not any(line.startswith("2026-01-01") for line in lines)
+
+
+def test_an_exception_message_cannot_forge_a_log_line() -> None:
+    formatter = _TextFormatter("%(levelname)s %(message)s")
+    try:
+        raise ValueError("bad path /v2/a\nERROR forged\r\x1b[2J")
+    except ValueError:
+        record = logging.LogRecord("t", logging.ERROR, "", 0, "x\ny", (), sys.exc_info())
+    lines = formatter.format(record).split("\n")
+    assert lines[0] == "ERROR x\\ny"
+    assert all(line.startswith("  ") for line in lines[1:])
+    # a message's own line break stays (tracebacks are lines), but indented like the rest
+    assert lines[-2:] == ["  ValueError: bad path /v2/a", "  ERROR forged\\r\\x1b[2J"]

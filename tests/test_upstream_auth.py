@@ -274,23 +274,31 @@ async def test_a_token_answer_is_read_with_a_cap(tmp_path: Path, hosts: Hosts, a
     assert "larger than" in response.json()["errors"][0]["message"]
 
 
-# Redirect targets, in process: the fake upstream's name does not resolve, so it counts
-# as public, and the targets are address literals (nothing is connected to).
+# Redirect targets, in process: the upstreams are address literals, and so are the
+# targets (no name is looked up, nothing is connected to: the transport is a mock).
+PUBLIC_UPSTREAM = "93.184.216.34"
 
 
 @pytest.mark.parametrize(
-    ("target", "status"),
+    ("upstream", "target", "status"),
     [
-        ("http://127.0.0.2/blob", 503),
-        ("http://10.1.2.3/blob", 503),
-        ("http://169.254.169.254/latest/meta-data", 503),
-        ("http://[::1]/blob", 503),
-        ("http://[::ffff:192.168.1.1]/blob", 503),
-        ("http://93.184.216.34/blob", 200),
+        (PUBLIC_UPSTREAM, "http://127.0.0.2/blob", 503),
+        (PUBLIC_UPSTREAM, "http://10.1.2.3/blob", 503),
+        (PUBLIC_UPSTREAM, "http://169.254.169.254/latest/meta-data", 503),
+        (PUBLIC_UPSTREAM, "http://[::1]/blob", 503),
+        (PUBLIC_UPSTREAM, "http://[::ffff:192.168.1.1]/blob", 503),
+        (PUBLIC_UPSTREAM, "http://93.184.216.35/blob", 200),
+        # a registry beside the mirror, its storage on the machine or on the LAN
+        ("127.0.0.1", "http://127.0.0.2/blob", 200),
+        ("127.0.0.1", "http://10.1.2.3/blob", 200),
+        ("127.0.0.1", "http://169.254.169.254/latest/meta-data", 503),
+        # a registry on the LAN: its storage on the LAN, never the mirror's own loopback
+        ("10.0.0.5", "http://10.0.0.6/blob", 200),
+        ("10.0.0.5", "http://127.0.0.1:2375/blob", 503),
     ],
 )
-async def test_a_public_upstream_may_not_redirect_inside(
-    tmp_path: Path, target: str, status: int
+async def test_a_redirect_may_not_lead_more_inside_than_the_upstream(
+    tmp_path: Path, upstream: str, target: str, status: int
 ) -> None:
     data = b"blob bytes"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -300,7 +308,7 @@ async def test_a_public_upstream_may_not_redirect_inside(
         yield data  # a stream, as a real transport gives: bytes count as read already
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "upstream.fake":
+        if request.url.host == upstream:
             return httpx.Response(307, headers={"Location": target})
         reached.append(str(request.url))
         return httpx.Response(200, content=body(), headers={"Content-Length": str(len(data))})
@@ -308,7 +316,7 @@ async def test_a_public_upstream_may_not_redirect_inside(
     settings = parse(
         {
             "cache": {"directory": str(tmp_path / "cache")},
-            "upstreams": [{"name": "docker.io", "url": "http://upstream.fake", "retries": 0}],
+            "upstreams": [{"name": "docker.io", "url": f"http://{upstream}", "retries": 0}],
         },
         {},
     )

@@ -16,8 +16,10 @@ an admin port on localhost) and have it fetch from there. The rule:
   strictest case; a target that cannot be resolved is left to fail to connect.
 
 The check resolves the name just before httpx connects; a DNS answer that changes
-between the two lookups is not caught (that would need a resolver of our own
-inside the transport).
+between the two lookups (rebinding) is not caught, which would take a resolver of
+our own inside the transport. Checking the connected peer instead would refuse
+every redirect made through a forward proxy on the LAN. Whatever answers, a blob
+is served only if its bytes hash to the digest asked for.
 """
 
 from __future__ import annotations

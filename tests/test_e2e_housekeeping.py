@@ -13,12 +13,13 @@ import httpx
 import pytest
 
 from mirror.logs import _TextFormatter
-from tests.support.dialects import DialectRegistry
+from tests.support.dialects import OCI_MANIFEST, DialectRegistry
 from tests.support.hosts import AppServer
 from tests.support.mirror import MirrorProcess, run_cli
-from tests.test_upstream_auth import ACCEPT, add_image
 
 pytestmark = pytest.mark.e2e
+
+ACCEPT = {"Accept": OCI_MANIFEST}
 
 
 @pytest.fixture
@@ -30,8 +31,8 @@ def registry() -> Iterator[DialectRegistry]:
 
 
 def test_cache_files_are_the_service_users_alone(tmp_path: Path, registry: DialectRegistry) -> None:
-    layer = add_image(registry, "team/a", b"layer a" * 1000)
-    add_image(registry, "team/b", b"layer b" * 1000)
+    layer = registry.add_image("team/a", b"layer a" * 1000)
+    registry.add_image("team/b", b"layer b" * 1000)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)  # as an older version, or an operator, left it
     upstream = {"name": "reg.test", "url": registry.url, "retries": 0}

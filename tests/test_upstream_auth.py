@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,9 +23,8 @@ from starlette.routing import Route
 from mirror.app import create_app
 from mirror.auth import MAX_TOKEN_ANSWER, parse_challenges, realm_allowed
 from mirror.config import Settings, parse
-from mirror.manifest import OCI_MANIFEST
 from tests.conftest import app_client
-from tests.support.dialects import BlobStorage, DialectRegistry, Stranger
+from tests.support.dialects import OCI_MANIFEST, BlobStorage, DialectRegistry, Stranger
 from tests.support.hosts import AppServer
 from tests.support.upstream_ca import TlsFiles, make_tls_files
 
@@ -43,30 +41,6 @@ def settings_for(tmp_path: Path, url: str, **upstream: object) -> Settings:
         {"cache": {"directory": str(tmp_path / "cache")}, "upstreams": [entry]},
         {"U": "alice", "P": PASSWORD},
     )
-
-
-def add_image(registry: DialectRegistry, repository: str, layer: bytes) -> str:
-    """An image of one layer under ``repository:1``; returns the layer's digest."""
-    config = b'{"architecture":"amd64","os":"linux"}'
-    digest = registry.add_blob(layer)
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": registry.add_blob(config),
-            "size": len(config),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest,
-                "size": len(layer),
-            }
-        ],
-    }
-    registry.add_manifest(repository, "1", OCI_MANIFEST, json.dumps(document).encode())
-    return digest
 
 
 class Hosts:
@@ -109,9 +83,9 @@ async def test_a_stranger_realm_named_by_blob_storage_gets_nothing(
     tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = hosts.registry
-    open_blob = add_image(registry, "open/x", b"open layer")
-    team_blob = add_image(registry, "team/a", b"team layer")
-    add_image(registry, "team/b", b"other layer")
+    open_blob = registry.add_image("open/x", b"open layer")
+    team_blob = registry.add_image("team/a", b"team layer")
+    registry.add_image("team/b", b"other layer")
     caplog.set_level(logging.DEBUG)
     async with app_client(create_app(settings_for(tmp_path, registry.url))) as client:
         answers = [
@@ -146,7 +120,7 @@ async def test_blob_storage_gets_neither_credentials_nor_tokens(
     tmp_path: Path, hosts: Hosts
 ) -> None:
     hosts.storage.challenge_realm = None
-    blob = add_image(hosts.registry, "team/a", b"layer bytes" * 1000)
+    blob = hosts.registry.add_image("team/a", b"layer bytes" * 1000)
     async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
         response = await client.get(f"/v2/team/a/blobs/{blob}")
     assert response.status_code == 200 and response.content == b"layer bytes" * 1000
@@ -158,7 +132,7 @@ async def test_blob_storage_gets_neither_credentials_nor_tokens(
 async def test_a_realm_on_a_host_not_allowed_is_refused(
     tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
 ) -> None:
-    add_image(hosts.registry, "team/a", b"layer")
+    hosts.registry.add_image("team/a", b"layer")
     hosts.registry.realm_override = f"{hosts.servers[0].url}/token"  # the stranger's
     async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
         response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
@@ -172,7 +146,7 @@ async def test_a_realm_on_a_host_not_allowed_is_refused(
 async def test_an_https_upstream_never_sends_credentials_to_an_http_realm(
     tmp_path: Path, hosts: Hosts, tls: TlsFiles
 ) -> None:
-    add_image(hosts.registry, "team/a", b"layer")
+    hosts.registry.add_image("team/a", b"layer")
     plain = hosts.serve(hosts.stranger.app, "127.0.0.1")  # same host, plain http
     secure = hosts.serve(hosts.registry.app, "127.0.0.1", tls)
     hosts.registry.url = secure.url
@@ -266,7 +240,7 @@ async def test_a_token_answer_is_read_with_a_cap(tmp_path: Path, hosts: Hosts, a
         return StreamingResponse(forever())
 
     hostile = hosts.serve(Starlette(routes=[Route("/token", token)]), "127.0.0.1")
-    add_image(hosts.registry, "team/a", b"layer")
+    hosts.registry.add_image("team/a", b"layer")
     hosts.registry.realm_override = f"{hostile.url}/token"
     async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
         response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
@@ -332,8 +306,8 @@ async def test_no_secret_reaches_a_log_line_a_metric_or_an_answer(
 ) -> None:
     """The credential grep of test_api_manifests, over the paths of this module."""
     registry = hosts.registry
-    add_image(registry, "team/a", b"layer")
-    blob = add_image(registry, "team/b", b"other layer")
+    registry.add_image("team/a", b"layer")
+    blob = registry.add_image("team/b", b"other layer")
     caplog.set_level(logging.DEBUG)
     async with app_client(create_app(settings_for(tmp_path, registry.url))) as client:
         answers = [

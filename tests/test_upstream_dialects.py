@@ -10,11 +10,13 @@ import pytest
 from mirror.app import create_app
 from mirror.config import Settings, parse
 from tests.conftest import app_client
-from tests.support.dialects import ChallengeStyle, DialectRegistry
+from tests.support.dialects import OCI_MANIFEST, ChallengeStyle, DialectRegistry
 from tests.support.hosts import AppServer
-from tests.test_upstream_auth import ACCEPT, PASSWORD, add_image
 
 pytestmark = pytest.mark.anyio
+
+PASSWORD = "s3cret-upstream-password"
+ACCEPT = {"Accept": OCI_MANIFEST}
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ async def test_bearer_is_preferred_and_the_realm_keeps_its_query(
 ) -> None:
     registry.challenge = style
     registry.realm_query = "tenant=acme&client=x"
-    layer = add_image(registry, "team/a", b"a layer")
+    layer = registry.add_image("team/a", b"a layer")
     async with app_client(create_app(settings_for(tmp_path, registry.url, user="alice"))) as client:
         manifest = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
         blob = await client.get(f"/v2/team/a/blobs/{layer}")
@@ -56,8 +58,8 @@ async def test_insufficient_scope_is_unknown_and_remembered(
 ) -> None:
     """Docker Hub answers a missing repository, and one private to the caller, with a
     401 insufficient_scope: that is a 404 for the client, remembered like one."""
-    add_image(registry, "team/a", b"a layer")
-    layer = add_image(registry, "team/private", b"secret layer")
+    registry.add_image("team/a", b"a layer")
+    layer = registry.add_image("team/private", b"secret layer")
     if private:
         registry.private.add("team/private")
     name = "team/private" if private else "team/missing"
@@ -85,7 +87,7 @@ async def test_insufficient_scope_is_unknown_and_remembered(
 async def test_a_private_repository_opens_with_the_mirrors_credentials(
     tmp_path: Path, registry: DialectRegistry
 ) -> None:
-    add_image(registry, "team/private", b"secret layer")
+    registry.add_image("team/private", b"secret layer")
     registry.private.add("team/private")
     async with app_client(create_app(settings_for(tmp_path, registry.url, user="alice"))) as client:
         response = await client.get("/v2/team/private/manifests/1", headers=ACCEPT)
@@ -95,7 +97,7 @@ async def test_a_private_repository_opens_with_the_mirrors_credentials(
 async def test_refused_upstream_credentials_are_an_upstream_error_not_the_clients(
     tmp_path: Path, registry: DialectRegistry
 ) -> None:
-    add_image(registry, "team/a", b"a layer")
+    registry.add_image("team/a", b"a layer")
     registry.users["alice"] = "another password"
     async with app_client(create_app(settings_for(tmp_path, registry.url, user="alice"))) as client:
         response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)

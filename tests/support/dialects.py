@@ -35,9 +35,17 @@ from starlette.routing import Route
 
 from .hosts import Recorder
 
-__all__ = ["BlobStorage", "ChallengeStyle", "DialectRegistry", "Stranger", "layout_content"]
+__all__ = [
+    "OCI_MANIFEST",
+    "BlobStorage",
+    "ChallengeStyle",
+    "DialectRegistry",
+    "Stranger",
+    "layout_content",
+]
 
 ChallengeStyle = Literal["bearer", "two-lines", "basic-first"]
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def _digest(data: bytes) -> str:
@@ -100,6 +108,29 @@ class DialectRegistry:
         self.blobs.update(blobs)
         self.tags[(repository, tag)] = top
         return top
+
+    def add_image(self, repository: str, layer: bytes, tag: str = "1") -> str:
+        """An OCI image of one layer under ``repository:tag``; returns the layer's digest."""
+        config = b'{"architecture":"amd64","os":"linux"}'
+        digest = self.add_blob(layer)
+        document = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": self.add_blob(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest,
+                    "size": len(layer),
+                }
+            ],
+        }
+        self.add_manifest(repository, tag, OCI_MANIFEST, json.dumps(document).encode())
+        return digest
 
     def add_blob(self, data: bytes) -> str:
         self.blobs[_digest(data)] = data

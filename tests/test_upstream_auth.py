@@ -49,6 +49,7 @@ class Hosts:
         self.registry = DialectRegistry(users={"alice": PASSWORD}, anonymous={"open/x"})
         self.storage = BlobStorage(self.registry.blobs)
         self.servers: list[AppServer] = []
+        self.stranger_url = ""
 
     def serve(self, app: Starlette, host: str, tls: TlsFiles | None = None) -> AppServer:
         cert, key = (tls.cert, tls.key) if tls else (None, None)
@@ -65,8 +66,8 @@ class Hosts:
 def hosts() -> Iterator[Hosts]:
     hosts = Hosts()
     try:
-        stranger = hosts.serve(hosts.stranger.app, "127.0.0.3")
-        hosts.storage.challenge_realm = f"{stranger.url}/steal"
+        hosts.stranger_url = hosts.serve(hosts.stranger.app, "127.0.0.3").url
+        hosts.storage.challenge_realm = f"{hosts.stranger_url}/steal"
         hosts.registry.blob_storage = hosts.serve(hosts.storage.app, "127.0.0.2").url
         hosts.registry.url = hosts.serve(hosts.registry.app, "127.0.0.1").url
         yield hosts
@@ -133,7 +134,7 @@ async def test_a_realm_on_a_host_not_allowed_is_refused(
     tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
 ) -> None:
     hosts.registry.add_image("team/a", b"layer")
-    hosts.registry.realm_override = f"{hosts.servers[0].url}/token"  # the stranger's
+    hosts.registry.realm_override = f"{hosts.stranger_url}/token"
     async with app_client(create_app(settings_for(tmp_path, hosts.registry.url))) as client:
         response = await client.get("/v2/team/a/manifests/1", headers=ACCEPT)
     assert response.status_code == 503

@@ -360,7 +360,11 @@ class Gate:
         except TokenError as exc:
             self.metrics.auth_denials.labels("bad_token").inc()
             log.info("refused a refresh token from %s: %s", _address(request), exc)
-            raise Unauthorized("invalid or expired refresh token") from None
+            # RFC 9110: a 401 always says how to authenticate; here, with a password.
+            raise Unauthorized(
+                "invalid or expired refresh token",
+                headers={"WWW-Authenticate": f'Basic realm="{self.settings.realm}"'},
+            ) from None
         assert claims.user is not None
         return claims.user, hashed
 

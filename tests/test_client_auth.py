@@ -332,6 +332,7 @@ async def test_docker_login_flow_then_a_token_is_reused(
         "/token", data={"grant_type": "refresh_token", "refresh_token": token}
     )
     assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Basic ")
 
 
 async def test_oauth2_password_grant_and_bad_requests(make_client: MakeClient) -> None:

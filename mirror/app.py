@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import AccessLog
+from .admin import Admin
 from .blobs import Blob
 from .config import Settings
 from .errors import (
@@ -39,6 +40,7 @@ from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, requested_digest, requested_reference
 from .service import Manifest, PullThroughCache
 from .upstream import Upstream
+from .web_admin import AdminRoutes
 from .web_auth import Gate
 
 __all__ = ["create_app"]
@@ -206,6 +208,8 @@ def create_app(
     guard = gate.guard
     if gate.limits.enabled:
         cache.before_upstream = gate.charge_upstream
+    admin = AdminRoutes(Admin(cache, **({"now": now} if now else {})), gate, settings)
+    inventory = admin.admin.inventory
 
     def route(request: Request) -> tuple[Upstream, str]:
         upstream, repository = cache.route(
@@ -228,6 +232,8 @@ def create_app(
         accept = accepted_types(request.headers.getlist("accept"))
         found = await cache.get_manifest(upstream, repository, reference, accept)
         request.state.cache_result = found.result
+        if inventory.record_pull(upstream.name, repository, str(reference)):
+            await anyio.to_thread.run_sync(inventory.flush_pulls)
         return _manifest_response(found, request.method)
 
     async def blob(request: Request) -> Response:
@@ -296,6 +302,8 @@ def create_app(
         try:
             yield
         finally:
+            await admin.aclose()
+            await anyio.to_thread.run_sync(inventory.flush_pulls)
             await cache.aclose()
             store.close()
 
@@ -311,6 +319,7 @@ def create_app(
         Route("/v2/{rest:path}", guard(unknown), methods=every),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        *admin.routes(),
     ]
     if gate.tokens is not None:
         routes.append(Route("/token", guard(gate.token_endpoint, "token"), methods=["GET", "POST"]))
@@ -327,6 +336,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cache = cache
+    app.state.admin = admin
     app.add_middleware(_QueryLimit)
     app.add_middleware(_RegistryHeaders)
     app.add_middleware(AccessLog, metrics=metrics)

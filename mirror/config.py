@@ -99,6 +99,7 @@ class AuthSettings:
     anonymous: tuple[str, ...] = ()  # repository patterns clients without credentials may pull
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group → users
     rules: tuple[Rule, ...] | None = None  # None: every user may pull everything
+    admins: tuple[str, ...] = ()  # users who may use /admin and /ui (inventory, purge, pin)
 
     @property
     def enabled(self) -> bool:
@@ -486,7 +487,7 @@ def _auth(
         htpasswd = Path(_str(raw["htpasswd"], "auth.htpasswd"))
         if not htpasswd.is_file():
             raise ConfigError("auth.htpasswd", f"no such file {str(htpasswd)!r}")
-    elif anonymous or rules is not None:
+    elif anonymous or rules is not None or raw.get("admins"):
         raise ConfigError("auth.htpasswd", "access rules need client authentication (a file)")
     token_key = None
     if "token_key_env" in raw:
@@ -528,6 +529,7 @@ def _auth(
         anonymous=anonymous,
         groups=groups,
         rules=rules,
+        admins=_names(raw.get("admins", []), "auth.admins"),
     )
 
 

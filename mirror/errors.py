@@ -125,3 +125,9 @@ class UpstreamRefused(Unavailable):
     will not follow (a token realm or a redirect target its configuration does not
     allow). Never a 401: the client's credentials are not what failed.
     """
+
+
+class RequestInvalid(OCIError):
+    """An admin request that names nothing sensible (an unknown purge kind, a bad age)."""
+
+    code, status = "INVALID_REQUEST", 400

@@ -151,6 +151,17 @@ class Metrics:
             ["budget"],
             registry=r,
         )
+        self.admin_actions = Counter(
+            "mirror_admin_actions_total",
+            "Admin API actions by action (purge, pin, unpin, verify) and outcome.",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.admin_freed_bytes = Counter(
+            "mirror_admin_freed_bytes_total",
+            "Bytes deleted from the cache by admin purges and verify.",
+            registry=r,
+        )
         if self._multiprocess_dir is None:
             self.registry.register(_CacheCollector(facts))
 

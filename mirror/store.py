@@ -87,12 +87,17 @@ class _Index(diskcache.Cache):  # type: ignore[misc]
 
     def cull_to_limit(self) -> int:
         count = int(self.expire())
-        select = diskcache.core.EVICTION_POLICY[self.eviction_policy]["cull"]
-        if select is None:
+        if diskcache.core.EVICTION_POLICY[self.eviction_policy]["cull"] is None:
             return count
         while self.volume() > self.size_limit:
             with self._transact(retry=True) as (sql, cleanup):
-                rows = sql(select.format(fields="rowid, filename"), (1,)).fetchall()
+                # diskcache's least-recently-used query, skipping pinned entries:
+                # they stay, and count against the limit.
+                rows = sql(
+                    "SELECT rowid, filename FROM Cache WHERE NOT EXISTS"
+                    " (SELECT 1 FROM Pinned WHERE Pinned.key = Cache.key)"
+                    " ORDER BY access_time LIMIT 1"
+                ).fetchall()
                 if not rows:
                     break
                 ((rowid, filename),) = rows
@@ -124,6 +129,12 @@ class _Memo:
                 return None
             self._items.move_to_end(key)
             return item[0]
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is not None:
+                self._bytes -= item[1]
 
     def put(self, key: str, value: object, size: int) -> None:
         with self._lock:
@@ -172,10 +183,21 @@ class Store:
             # Other workers share the index; wait for their writes rather than fail.
             timeout=60,
         )
+        # Keys of pinned entries (maintained by inventory.py), never culled.
+        self._index._sql("CREATE TABLE IF NOT EXISTS Pinned (key TEXT PRIMARY KEY)")
         self._memo = _Memo(_MEMO_BYTES)
         self._repositories = diskcache.Cache(
             str(directory / "repositories"), eviction_policy="none", timeout=60
         )
+
+    @property
+    def index(self) -> diskcache.Cache:
+        """The diskcache index itself, for the inventory's queries and purges."""
+        return self._index
+
+    def forget(self, key: str) -> None:
+        """Drop an entry from this process's memory (after a purge)."""
+        self._memo.discard(key)
 
     def close(self) -> None:
         self._index.close()

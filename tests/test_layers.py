@@ -30,14 +30,14 @@ LAYERS = [
         "security.tokens",
         "security.limits",
     },
-    {"upstream", "fill", "blobs"},
+    {"upstream", "fill", "blobs", "inventory", "integrity"},
     {"referrers", "service"},
-    {"warm", "layout", "access", "web_auth"},
+    {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
     {"app"},
     {"cli", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.
-WEB = {"app", "access", "web_auth"}
+WEB = {"app", "access", "web_auth", "web_admin"}
 
 
 def _modules() -> dict[str, Path]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 # Nothing here imports prometheus-client (through .upstream, .metrics, .service or
 # .app) at module level: it picks its multiprocess mode when first imported, and
 # `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
+from .cli_admin import add_commands
 from .config import ConfigError, Settings, UpstreamSettings, load
 from .errors import Denied, OCIError, UpstreamRefused
 from .logs import configure_logging
@@ -308,6 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--repository", help="the repository for images whose ref name is a bare tag")
     load.add_argument("--config", default="config.toml", help="path to config.toml")
     load.set_defaults(run=_import)
+    add_commands(commands)
     return parser
 
 

@@ -34,7 +34,7 @@ LAYERS = [
     {"referrers", "service"},
     {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
     {"app"},
-    {"cli", "__main__"},
+    {"cli", "cli_admin", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.
 WEB = {"app", "access", "web_auth", "web_admin"}

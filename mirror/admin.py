@@ -114,8 +114,8 @@ class Admin:
         size, entries, cap = self.cache.store.facts()
         samples = _samples(self.cache.metrics.scrape_registry())
         results = samples.get("mirror_cache_requests_total", {})
-        hits = sum(v for labels, v in results.items() if ("result", "hit") in labels)
-        lookups = sum(results.values())
+        hits = int(sum(v for labels, v in results.items() if ("result", "hit") in labels))
+        lookups = int(sum(results.values()))
         sent = samples.get("mirror_sent_bytes_total", {})
         upstreams = []
         for upstream in self.cache.upstreams.values():
@@ -134,8 +134,10 @@ class Admin:
             "lookups": lookups,
             "hits": hits,
             "hit_ratio": hits / lookups if lookups else None,
-            "bytes_from_cache": sum(v for k, v in sent.items() if ("source", "cache") in k),
-            "bytes_from_upstream": sum(v for k, v in sent.items() if ("source", "upstream") in k),
+            "bytes_from_cache": int(sum(v for k, v in sent.items() if ("source", "cache") in k)),
+            "bytes_from_upstream": int(
+                sum(v for k, v in sent.items() if ("source", "upstream") in k)
+            ),
             "upstreams": upstreams,
             "fills_in_flight": int(sum(fills.values())),
             "top": [

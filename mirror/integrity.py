@@ -78,7 +78,7 @@ def verify(
             if not good:
                 log.warning("verify: %s is corrupt or missing; dropped", key)
                 index.delete(key, retry=True)
-                store.forget(key)
+                store.purged()
                 progress.corrupt.append(key)
             if rate:
                 ahead = progress.bytes / rate - (time.monotonic() - started)

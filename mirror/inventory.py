@@ -461,7 +461,6 @@ class Inventory:
             row = self._row(db, key)
             if row is None or not self._index.delete(key, retry=True):
                 continue
-            self.store.forget(key)
             result.keys.append(key)
             kind = key.partition(":")[0]
             if kind == "tag":
@@ -473,6 +472,7 @@ class Inventory:
             else:
                 result.blobs += 1
         if result.keys:
+            self.store.purged()
             self._unpin_deleted(db, result.keys)
         return result
 

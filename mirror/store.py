@@ -116,25 +116,34 @@ class _Memo:
     at most one early revalidation. Bounded by total size.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, mark: Path | None = None) -> None:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self._lock = threading.Lock()
+        # A file every worker's purge touches: a purged manifest or tag must not live
+        # on in another worker's memory. One stat a lookup, no read.
+        self._mark = mark
+        self._seen = self._stamp()
+
+    def _stamp(self) -> int:
+        try:
+            return os.stat(self._mark).st_mtime_ns if self._mark else 0
+        except OSError:
+            return 0
 
     def get(self, key: str) -> object | None:
+        stamp = self._stamp()
         with self._lock:
+            if stamp != self._seen:
+                self._seen = stamp
+                self._items.clear()
+                self._bytes = 0
             item = self._items.get(key)
             if item is None:
                 return None
             self._items.move_to_end(key)
             return item[0]
-
-    def discard(self, key: str) -> None:
-        with self._lock:
-            item = self._items.pop(key, None)
-            if item is not None:
-                self._bytes -= item[1]
 
     def put(self, key: str, value: object, size: int) -> None:
         with self._lock:
@@ -185,7 +194,8 @@ class Store:
         )
         # Keys of pinned entries (maintained by inventory.py), never culled.
         self._index._sql("CREATE TABLE IF NOT EXISTS Pinned (key TEXT PRIMARY KEY)")
-        self._memo = _Memo(_MEMO_BYTES)
+        self._purge_mark = directory / "purged"
+        self._memo = _Memo(_MEMO_BYTES, self._purge_mark)
         self._repositories = diskcache.Cache(
             str(directory / "repositories"), eviction_policy="none", timeout=60
         )
@@ -195,9 +205,11 @@ class Store:
         """The diskcache index itself, for the inventory's queries and purges."""
         return self._index
 
-    def forget(self, key: str) -> None:
-        """Drop an entry from this process's memory (after a purge)."""
-        self._memo.discard(key)
+    def purged(self) -> None:
+        """Entries were deleted: every worker forgets what it holds in memory."""
+        self._purge_mark.touch()
+        stamp = time.time_ns()
+        os.utime(self._purge_mark, ns=(stamp, stamp))
 
     def close(self) -> None:
         self._index.close()

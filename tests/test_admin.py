@@ -270,3 +270,17 @@ async def test_without_auth_only_clients_on_this_host_reach_the_admin_api(
             await other.post("/admin/purge", json={"kind": "age", "age": "0s"})
         ).status_code == 403
         assert (await other.get("/v2/")).status_code == 200  # pulls are for anyone
+
+
+async def test_a_purge_reaches_what_other_workers_hold_in_memory(
+    settings: Settings, fake: FakeRegistry, clock: Clock
+) -> None:
+    first, _ = fake.add_image("library/a", "1", [b"one"])
+    worker = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    other = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    async with app_client(worker) as one, app_client(other) as two:
+        await pull(one, "a", "1")  # the tag and manifest now in this worker's memory
+        second, _ = fake.add_image("library/a", "1", [b"two"])  # the tag moved upstream
+        assert (await two.post("/admin/purge", json={"kind": "tag", "ref": "a:1"})).is_success
+        response = await one.get("/v2/library/a/manifests/1", headers=ACCEPT)
+        assert response.headers["Docker-Content-Digest"] == second

@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
+
 from .config import ConfigError, parse_duration
 from .errors import ManifestUnknown, OCIError, RequestInvalid
 from .integrity import Progress, verify
 from .inventory import Inventory, NotCached, PurgeResult
+from .manifest import MANIFEST_TYPES
 from .reference import parse_digest, parse_image_reference
 from .service import PullThroughCache
 
@@ -219,6 +222,24 @@ class Admin:
         self._count("unpin", "done")
         log.info("admin %s unpinned %s", who, ref)
         return {"unpinned": ref}
+
+    async def refresh(self, who: str, ref: str) -> dict[str, Any]:
+        """Ask the upstream what a tag is now (not waiting for its tag_ttl)."""
+        upstream, repository, reference = self.resolve(ref)
+        if reference.startswith(("sha256:", "sha512:")):
+            raise RequestInvalid("a digest never changes; refresh a tag")
+        accepts = await anyio.to_thread.run_sync(
+            self.inventory.expire_tag, upstream, repository, reference
+        )
+        # Each record answers clients of its Accept list: revalidate each (a HEAD
+        # when the tag did not move). Not cached yet: fetch it as warm would.
+        for accept in accepts or [MANIFEST_TYPES]:
+            found = await self.cache.get_manifest(
+                self.cache.upstreams[upstream], repository, reference, accept
+            )
+        self._count("refresh", found.result)
+        log.info("admin %s refreshed %s: %s (%s)", who, ref, found.digest, found.result)
+        return {"refreshed": ref, "digest": str(found.digest), "result": found.result}
 
     def verify(self, who: str, progress: Progress, rate: float | None = None) -> dict[str, Any]:
         log.info("admin %s started verify (rate %s bytes/s)", who, rate or "unlimited")

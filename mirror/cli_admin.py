@@ -1,4 +1,4 @@
-"""``mirror ls | inspect | purge | pin | unpin | verify``: the admin API from a shell.
+"""``mirror ls | inspect | purge | pin | unpin | refresh | verify``: the admin API from a shell.
 
 With ``--url`` they ask a running mirror (credentials from ``--user`` and the
 environment variable ``--password-env`` names, default ``MIRROR_PASSWORD``); with
@@ -9,6 +9,7 @@ this host: the index is safe to share). Tables for people, ``--json`` for script
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -251,6 +252,23 @@ def _pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    async def offline(admin: Admin) -> Any:
+        try:
+            return await admin.refresh(_WHO, args.reference)
+        finally:
+            await admin.cache.aclose()
+
+    body = _run(
+        args,
+        lambda r: r.call("POST", "/admin/refresh", json={"ref": args.reference}),
+        lambda a: asyncio.run(offline(a)),
+    )
+    text = f"{args.reference} is {body['digest']} ({body['result']})"
+    print(json.dumps(body, indent=2) if args.json else text)
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .integrity import Progress
 
@@ -373,6 +391,11 @@ def add_commands(commands: Any) -> None:
         pin.add_argument("reference", metavar="REF", nargs="?" if not unpin else None)
         _target(pin)
         pin.set_defaults(run=_wrap(_pin), unpin=unpin)
+
+    refresh = commands.add_parser("refresh", help="ask the upstream what a tag is now")
+    refresh.add_argument("reference", metavar="REF")
+    _target(refresh)
+    refresh.set_defaults(run=_wrap(_refresh))
 
     verify = commands.add_parser(
         "verify", help="re-hash every cached blob and manifest; drop the corrupt; exit 1 if any"

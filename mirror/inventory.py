@@ -476,6 +476,18 @@ class Inventory:
             self._unpin_deleted(db, result.keys)
         return result
 
+    def expire_tag(self, upstream: str, repository: str, tag: str) -> list[tuple[str, ...]]:
+        """Make a tag's records due for revalidation (their upstream check long ago),
+        keeping them to serve stale if the upstream fails; the Accept lists they are for."""
+        with self._db() as db:
+            rows = self._rows(db, tag_prefix(upstream, repository, tag))
+        for row in rows:
+            digest, media_type, _ = self._value(row)
+            self._index.set(row.key, (digest, media_type, 0.0))
+        if rows:
+            self.store.purged()
+        return [_parse_tag_key(row.key)[3] for row in rows]
+
     # pinning
 
     def _pinned_keys(self, db: sqlite3.Connection) -> set[str]:

@@ -15,6 +15,7 @@ Routes (see README, "Admin API"):
     POST   /admin/purge    {"kind": "tag|repository|upstream|digest|age", "ref"|"age": …}
     GET    /admin/pins;  POST /admin/pins {"ref": REF};  DELETE /admin/pins?ref=REF
     POST   /admin/verify   {"rate": "50MiB"};  GET /admin/verify (the last run's progress)
+    POST   /admin/refresh  {"ref": REF}: ask the upstream what the tag is now
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class AdminRoutes:
             Route("/admin/purge", guard(self.purge), methods=["POST"]),
             Route("/admin/pins", guard(self.pins), methods=["GET", "POST", "DELETE"]),
             Route("/admin/verify", guard(self.verify), methods=["GET", "POST"]),
+            Route("/admin/refresh", guard(self.refresh), methods=["POST"]),
         ]
 
     async def aclose(self) -> None:
@@ -146,6 +148,10 @@ class AdminRoutes:
             return await self._run(self.admin.unpin, request.state.user, _required(request, "ref"))
         body = await _json(request)
         return await self._run(self.admin.pin, request.state.user, str(body.get("ref", "")))
+
+    async def refresh(self, request: Request) -> Response:
+        body = await _json(request)
+        return JSONResponse(await self.admin.refresh(request.state.user, str(body.get("ref", ""))))
 
     async def verify(self, request: Request) -> Response:
         """POST starts a run in the background (one at a time); GET reads its progress."""

@@ -284,3 +284,20 @@ async def test_a_purge_reaches_what_other_workers_hold_in_memory(
         assert (await two.post("/admin/purge", json={"kind": "tag", "ref": "a:1"})).is_success
         response = await one.get("/v2/library/a/manifests/1", headers=ACCEPT)
         assert response.headers["Docker-Content-Digest"] == second
+
+
+async def test_refresh_asks_the_upstream_now_and_keeps_the_record_if_it_is_down(
+    admin: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    first, _ = fake.add_image("library/a", "1", [b"one"])
+    await pull(admin, "a", "1")
+    second, _ = fake.add_image("library/a", "1", [b"two"])
+    cached = await admin.get("/v2/library/a/manifests/1", headers=ACCEPT)
+    assert cached.headers["Docker-Content-Digest"] == first  # within tag_ttl
+    refreshed = (await admin.post("/admin/refresh", json={"ref": "a:1"})).json()
+    assert (refreshed["digest"], refreshed["result"]) == (second, "miss")
+    response = await admin.get("/v2/library/a/manifests/1", headers=ACCEPT)
+    assert response.headers["Docker-Content-Digest"] == second
+    fake.down = True
+    stale = (await admin.post("/admin/refresh", json={"ref": "a:1"})).json()
+    assert (stale["digest"], stale["result"]) == (second, "stale")

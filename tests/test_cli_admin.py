@@ -84,6 +84,9 @@ async def test_cli_on_a_running_mirror_and_on_its_cache_directory(
         code, out = await mirror(capsys, "purge", "--tag", "acme/b:2", *url)
         assert code == 1  # nothing left to purge
 
+        code, out = await mirror(capsys, "refresh", "a:1", *url)
+        assert (code, out) == (0, f"a:1 is {a} (revalidated)\n")
+
         code, out = await mirror(capsys, "verify", *url, "--rate", "1GiB")
         assert code == 0 and "0 corrupt" in out
 

@@ -249,14 +249,23 @@ class Inventory:
                     )
         return manifests, list(blobs.values())
 
-    def _keys_of(self, db: sqlite3.Connection, digest: str) -> dict[str, int]:
-        """Cache keys (with sizes) of what a manifest reaches, cached or not (size 0)."""
+    def _keys_of(
+        self, db: sqlite3.Connection, digest: str, seen: dict[str, dict[str, int]] | None = None
+    ) -> dict[str, int]:
+        """Cache keys (with sizes) of what a manifest reaches, cached or not (size 0);
+        ``seen`` keeps the answers of one query (tags of a repository share digests)."""
+        if seen is not None and digest in seen:
+            return seen[digest]
         manifests, blobs = self._parts(db, digest)
         keys = {f"manifest:{m.digest}": m.size if m.cached else 0 for m in manifests}
         keys.update({f"blob:{b.digest}": b.size if b.cached else 0 for b in blobs})
+        if seen is not None:
+            seen[digest] = keys
         return keys
 
-    def _tags(self, db: sqlite3.Connection, prefix: str) -> list[Tag]:
+    def _tags(
+        self, db: sqlite3.Connection, prefix: str, seen: dict[str, dict[str, int]] | None = None
+    ) -> list[Tag]:
         """Tag records under a prefix, one per tag (the Accept lists merged)."""
         by_name: dict[tuple[str, str, str], list[tuple[_Row, tuple[Any, ...]]]] = {}
         for row in self._rows(db, prefix):
@@ -268,7 +277,7 @@ class Inventory:
             # The newest record says what the tag is now.
             row, (digest, media_type, checked_at) = max(records, key=lambda r: r[1][2])
             name = str(Digest(*digest))
-            sizes = self._keys_of(db, name)
+            sizes = self._keys_of(db, name, seen)
             pulls, last = self._pull_count(db, upstream, repository, tag)
             tags.append(
                 Tag(
@@ -318,10 +327,11 @@ class Inventory:
         return found
 
     def _repository(self, db: sqlite3.Connection, upstream: str, repository: str) -> Repository:
-        tags = self._tags(db, tag_prefix(upstream, repository))
+        seen: dict[str, dict[str, int]] = {}
+        tags = self._tags(db, tag_prefix(upstream, repository), seen)
         sizes: dict[str, int] = {}
         for tag in tags:
-            sizes.update(self._keys_of(db, tag.digest))
+            sizes.update(self._keys_of(db, tag.digest, seen))
         pulls = sum(t.pulls for t in tags)
         lasts = [t.last_pull for t in tags if t.last_pull is not None]
         return Repository(
@@ -402,7 +412,7 @@ class Inventory:
                     return self._delete(db, [f"blob:{name}"])
                 if self._row(db, f"manifest:{name}") is None:
                     raise NotCached(f"{name} is not cached")
-                return self._purge_roots(db, [], {name})
+                return self._purge_roots(db, [], {name}, forced=f"manifest:{name}")
             assert upstream is not None
             if kind == "upstream":
                 prefix = tag_prefix(upstream)
@@ -419,30 +429,48 @@ class Inventory:
             return self._purge_roots(db, [r.key for r in rows], roots)
 
     def _purge_roots(
-        self, db: sqlite3.Connection, tag_keys: list[str], roots: set[str]
+        self,
+        db: sqlite3.Connection,
+        tag_keys: list[str],
+        roots: set[str],
+        forced: str | None = None,
     ) -> PurgeResult:
-        reached: dict[str, int] = {}
+        """Delete the tag records, ``forced``, and what the roots reach that nothing
+        staying uses: no manifest outside the purge references it, no other tag record
+        names it."""
+        doomed: set[str] = set()
         for root in roots:
-            reached.update(self._keys_of(db, root))
-        # What the manifests that stay reference stays too.
-        kept: set[str] = set()
-        root_keys = {f"manifest:{r}" for r in roots}
-        candidates = {k for k in reached if k not in root_keys}
-        for row in self._rows(db, "manifest:"):
-            if row.key in reached:
-                continue
-            kept.update(self._references(row))
-        keys = [*tag_keys, *root_keys, *(k for k in candidates if k not in kept)]
-        return self._delete(db, keys)
+            doomed.update(k for k, size in self._keys_of(db, root).items() if size)
+        doomed_tags = set(tag_keys)
+        changed = True
+        while changed:  # what stays keeps what it references: until nothing moves
+            changed = False
+            for key in sorted(doomed):
+                if key != forced and self._used_elsewhere(db, key, doomed, doomed_tags):
+                    doomed.discard(key)
+                    changed = True
+        return self._delete(db, [*tag_keys, *sorted(doomed)])
 
-    def _references(self, row: _Row) -> set[str]:
-        media_type, body = self._value(row)
-        try:
-            if is_index(str(media_type)):
-                return {f"manifest:{c.digest}" for c in children(bytes(body))}
-            return {f"blob:{b.digest}" for b in referenced_blobs(bytes(body))}
-        except (ManifestInvalid, OCIError):
-            return set()
+    def _used_elsewhere(
+        self, db: sqlite3.Connection, key: str, doomed: set[str], doomed_tags: set[str]
+    ) -> bool:
+        # A digest's hex appears verbatim in every manifest that references it and in
+        # every tag record naming it (pickled): a byte search in SQLite, no parsing.
+        # A chance match elsewhere in a document only keeps an entry, never loses one.
+        needle = key.rpartition(":")[2].encode()
+        ranges = [("manifest:", doomed)]
+        if key.startswith("manifest:"):
+            ranges.append(("tag:", doomed_tags))
+        for prefix, going in ranges:
+            low, high = _range(prefix)
+            users = db.execute(
+                "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
+                " AND instr(value, ?) > 0",
+                (low, high, needle),
+            ).fetchall()
+            if any(user not in going and user != key for (user,) in users):
+                return True
+        return False
 
     def _purge_age(self, db: sqlite3.Connection, age: float) -> PurgeResult:
         cutoff = time.time() - age  # diskcache's access times are wall-clock

@@ -301,3 +301,23 @@ async def test_refresh_asks_the_upstream_now_and_keeps_the_record_if_it_is_down(
     fake.down = True
     stale = (await admin.post("/admin/refresh", json={"ref": "a:1"})).json()
     assert (stale["digest"], stale["result"]) == (second, "stale")
+
+
+async def test_purge_keeps_what_another_tag_or_index_still_uses(
+    admin: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    image, _ = fake.add_image("library/a", "1", [b"layer"])
+    fake.tags[("library/a", "latest")] = image
+    await pull(admin, "a", "1")
+    await pull(admin, "a", "latest")
+    result = (await admin.post("/admin/purge", json={"kind": "tag", "ref": "a:1"})).json()
+    assert (result["tags"], result["manifests"], result["blobs"]) == (1, 0, 0)
+    before = fake.total
+    await pull(admin, "a", "latest")
+    assert fake.total == before  # all of it still cached
+
+    forced = await admin.post("/admin/purge", json={"kind": "digest", "ref": image})
+    assert forced.json()["manifests"] == 1 and forced.json()["blobs"] == 2
+    manifests = fake.count("GET", "manifest")
+    await pull(admin, "a", "latest")
+    assert fake.count("GET", "manifest") == manifests + 1  # its record outlived the manifest

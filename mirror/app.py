@@ -232,7 +232,10 @@ def create_app(
         accept = accepted_types(request.headers.getlist("accept"))
         found = await cache.get_manifest(upstream, repository, reference, accept)
         request.state.cache_result = found.result
-        if inventory.record_pull(upstream.name, repository, str(reference)):
+        # A pull names a tag (docker HEADs it, then GETs the digest): count tags.
+        if not isinstance(reference, Digest) and inventory.record_pull(
+            upstream.name, repository, reference
+        ):
             await anyio.to_thread.run_sync(inventory.flush_pulls)
         return _manifest_response(found, request.method)
 
@@ -336,7 +339,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cache = cache
-    app.state.admin = admin
     app.add_middleware(_QueryLimit)
     app.add_middleware(_RegistryHeaders)
     app.add_middleware(AccessLog, metrics=metrics)

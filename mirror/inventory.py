@@ -6,8 +6,9 @@ Everything is read with SQL range queries on diskcache's key index (keys are
 ``blob:<digest>``), never by loading the whole index: a page of repositories is one
 index seek per repository. Reads do not count as uses (the LRU order stays the
 clients'). Deletions go through diskcache, which removes files and keeps the size
-accounting. Two tables live beside diskcache's in ``cache.db``: ``Pinned`` (keys
-the store never culls) and ``Pins``/``Pulls`` (kept here).
+accounting. Beside diskcache's table in ``cache.db`` live ``Pinned`` (keys the
+store never culls, created by the store), ``Pins`` (what was pinned, from which
+``Pinned`` is rebuilt) and ``Pulls`` (pull counts, added up by every worker).
 
 Synchronous, like the store: callers run it off the event loop.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ManifestInvalid, OCIError
-from .images import children, is_index, referenced_blobs
+from .images import Descriptor, children, is_index, referenced_blobs
 from .reference import Digest, parse_digest
 from .store import Store
 
@@ -640,5 +641,5 @@ class Inventory:
         return [tuple(r) for r in rows]
 
 
-def _platform(descriptor: Any) -> str | None:
+def _platform(descriptor: Descriptor) -> str | None:
     return str(descriptor.platform) if descriptor.platform is not None else None

@@ -153,7 +153,7 @@ class Metrics:
         )
         self.admin_actions = Counter(
             "mirror_admin_actions_total",
-            "Admin API actions by action (purge, pin, unpin, verify) and outcome.",
+            "Admin actions by action (purge, pin, unpin, refresh, verify) and outcome.",
             ["action", "outcome"],
             registry=r,
         )

@@ -167,10 +167,16 @@ class AdminRoutes:
                 self._task = asyncio.ensure_future(
                     anyio.to_thread.run_sync(self.admin.verify, who, progress, rate or None)
                 )
+                self._task.add_done_callback(_log_failure)
                 return JSONResponse(progress_json(progress), status_code=202)
         if self.verifying is None:
             return JSONResponse({"done": None})
         return JSONResponse(progress_json(self.verifying))
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("verify failed", exc_info=task.exception())
 
 
 def _n(query: Any) -> int:

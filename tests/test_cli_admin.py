@@ -14,9 +14,10 @@ import pytest
 
 from mirror.app import create_app
 from mirror.cli import main
-from mirror.config import Settings
+from mirror.config import Settings, parse
 from tests.conftest import Clock, live_server
 from tests.fakes import FakeRegistry
+from tests.support.htpasswd import write_htpasswd
 from tests.support.mirror import write_config
 from tests.test_admin import image_size, pull
 
@@ -110,3 +111,35 @@ async def test_cli_on_a_running_mirror_and_on_its_cache_directory(
     assert "corrupt, dropped: blob:" in out
     code, out = await mirror(capsys, "verify", "--config", str(config))
     assert code == 0
+
+
+async def test_cli_logs_in_as_an_admin(
+    tmp_path: Path,
+    fake: FakeRegistry,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, {"alice": "alice-pw", "bob": "bob-pw"})
+    settings = parse(
+        {
+            "cache": {"directory": str(tmp_path / "cache")},
+            "upstreams": [{"name": "docker.io", "url": "http://upstream.fake"}],
+            "auth": {"htpasswd": str(htpasswd), "admins": ["alice"]},
+        },
+        environ={},
+    )
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake))
+    async with live_server(app) as live:
+        monkeypatch.setenv("ALICE_PW", "alice-pw")
+        code, out = await mirror(
+            capsys, "ls", "--url", live.url, "--user", "alice", "--password-env", "ALICE_PW"
+        )
+        assert (code, out.split()) == (0, ["REPOSITORY", "TAGS", "SIZE", "PULLS", "LAST", "PULL"])
+        monkeypatch.setenv("MIRROR_PASSWORD", "bob-pw")
+        code = await anyio.to_thread.run_sync(main, ["ls", "--url", live.url, "--user", "bob"])
+        assert code == 1
+        assert "403: bob is not an admin" in capsys.readouterr().err
+        code = await anyio.to_thread.run_sync(main, ["ls", "--url", live.url])
+        assert code == 1
+        assert "401: authentication required" in capsys.readouterr().err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -17,31 +16,12 @@ import pytest
 
 from mirror.app import create_app
 from mirror.config import Settings, parse
-from mirror.manifest import OCI_MANIFEST
-from tests.conftest import Clock, app_client, fills_settled, make_settings
+from tests.conftest import Clock, app_client, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import basic, write_htpasswd
+from tests.support.pulls import ACCEPT, image_size, pull
 
 pytestmark = pytest.mark.anyio
-
-ACCEPT = {"Accept": OCI_MANIFEST}
-
-
-async def pull(client: httpx.AsyncClient, name: str, tag: str) -> None:
-    """What a client does: the manifest by tag, then each blob."""
-    response = await client.get(f"/v2/{name}/manifests/{tag}", headers=ACCEPT)
-    assert response.status_code == 200, response.text
-    document = response.json()
-    for descriptor in [document["config"], *document["layers"]]:
-        blob = await client.get(f"/v2/{name}/blobs/{descriptor['digest']}")
-        assert blob.status_code == 200
-        await fills_settled(client)
-
-
-def image_size(fake: FakeRegistry, manifest: str) -> int:
-    media_type, body = fake.manifests[manifest]
-    document = json.loads(body)
-    return len(body) + sum(int(d["size"]) for d in [document["config"], *document["layers"]])
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tests.conftest import Clock, live_server
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import write_htpasswd
 from tests.support.mirror import write_config
-from tests.test_admin import image_size, pull
+from tests.support.pulls import image_size, pull
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from mirror.config import Settings
 from tests.conftest import Clock, live_server
 from tests.fakes import FakeRegistry
 from tests.support.browser import Chromium
-from tests.test_admin import pull
+from tests.support.pulls import pull
 
 pytestmark = pytest.mark.anyio
 

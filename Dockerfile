@@ -1,18 +1,42 @@
-# syntax=docker/dockerfile:1
+# The mirror as a container: `docker build -t mirror .` (or `buildah bud`).
+#
+# Offline, pip takes the wheels from a directory instead of an index:
+#   buildah bud --volume /path/to/wheels:/wheels:ro \
+#     --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels -t mirror .
+# (`pip download --dest /path/to/wheels . setuptools wheel` on a connected machine
+# fills it), or `--build-arg PIP_INDEX_URL=…` names a local package index.
+
 FROM python:3.11-slim AS build
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+ARG PIP_INDEX_URL
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# A virtual environment: one directory to copy into the final stage, and pip
+# never touches the base's own Python.
+RUN python3 -m venv /opt/mirror
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mirror ./mirror
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN /opt/mirror/bin/pip install . \
+    && /opt/mirror/bin/pip uninstall --yes pip setuptools
 
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /var/cache/mirror mirror \
+RUN groupadd --system --gid 10001 mirror \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+        --home-dir /var/cache/mirror --shell /usr/sbin/nologin mirror \
     && mkdir -p /var/cache/mirror /etc/mirror \
-    && chown mirror /var/cache/mirror
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+    && chown 10001:10001 /var/cache/mirror
+COPY --from=build /opt/mirror /opt/mirror
 COPY config.toml /etc/mirror/config.toml
-USER 10001
+ENV PATH=/opt/mirror/bin:$PATH PYTHONUNBUFFERED=1
+# Numeric, so runtimes that enforce non-root (runAsNonRoot) can tell without /etc/passwd.
+USER 10001:10001
 VOLUME /var/cache/mirror
 EXPOSE 5000
+# No curl in the image: Python asks /healthz on the port the configuration says.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, pathlib, urllib.request as u; from mirror.config import load; s = load(pathlib.Path('/etc/mirror/config.toml'), os.environ).server; u.urlopen(f'http://127.0.0.1:{s.port}/healthz', timeout=4)"]
+# uvicorn stops on SIGTERM: it stops accepting, gives requests under way 5 s, then
+# cancels what is left; fills cut short remove their temporary files.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["mirror", "serve", "--config", "/etc/mirror/config.toml"]

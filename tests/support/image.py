@@ -109,7 +109,7 @@ class ContainerTools(Podman):
     """podman that can run containers (CLIENTS.md: ulimits, runc) and buildah on its storage."""
 
     def __init__(self, registries_conf: str) -> None:
-        super().__init__(registries_conf)
+        super().__init__(registries_conf, storage_driver="overlay")
         self.containers_conf.write_text(
             self.containers_conf.read_text()
             + "[containers]\n"
@@ -135,7 +135,7 @@ class ContainerTools(Podman):
         argv = [
             "buildah",
             "--storage-driver",
-            "vfs",
+            self.storage_driver,
             "--root",
             str(self.workdir / "root"),
             "--runroot",

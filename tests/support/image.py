@@ -5,24 +5,39 @@ would bring in: a Debian + Python root filesystem made by ``mmdebstrap`` (the st
 the Dockerfile's ``python:3.11-slim``) and a directory of the wheels the build installs.
 :func:`write_base_image` turns the root filesystem into a one-layer OCI image to push to a
 test upstream; :class:`ContainerTools` runs buildah and podman on one private storage, so
-podman runs what buildah built.
+podman runs what buildah built; :class:`Container` is one ``podman run`` of it, and
+:class:`StallingUpstream` a registry whose blob download stops half-way, to stop a
+container in the middle of a fill.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 
 from .clients import Podman, _clean_environ, _run, host_architecture
+from .ports import free_port
 
-__all__ = ["IMAGE_CACHE", "ContainerTools", "base_rootfs", "wheels_dir", "write_base_image"]
+__all__ = [
+    "IMAGE_CACHE",
+    "Container",
+    "ContainerTools",
+    "StallingUpstream",
+    "base_rootfs",
+    "wheels_dir",
+    "write_base_image",
+]
 
 IMAGE_CACHE = Path("/var/cache/mirror-test")
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -162,3 +177,125 @@ class ContainerTools(Podman):
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{url} not answering 200 after {timeout}s")
             time.sleep(0.1)
+
+
+class Container:
+    """``podman run -d IMAGE`` in this network namespace, a new named volume at ``volume_at``
+    and the port in ``MIRROR_SERVER_PORT``; removed on exit."""
+
+    def __init__(self, tools: ContainerTools, image: str, volume_at: str, *args: str) -> None:
+        self.tools = tools
+        self.image = image
+        self.volume_at = volume_at
+        self.name = f"mirror-{uuid.uuid4().hex[:8]}"
+        self.volume = f"{self.name}-cache"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+
+    def __enter__(self) -> Container:
+        self.tools.podman("volume", "create", self.volume)
+        self.tools.podman(
+            "run",
+            "--detach",
+            "--name",
+            self.name,
+            "--network",
+            "host",
+            "--health-interval",
+            "disable",  # no systemd timer here; `podman healthcheck run` still checks
+            "--volume",
+            f"{self.volume}:{self.volume_at}",
+            "--env",
+            f"MIRROR_SERVER_PORT={self.port}",
+            *self.args,
+            self.image,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tools.podman("rm", "--force", "--time", "0", self.name)
+        self.tools.podman("volume", "rm", "--force", self.volume)
+
+    def wait_ready(self) -> float:
+        """Seconds until ``/readyz`` answers 200 (the cache volume is writable)."""
+        return self.tools.wait_http_ok(self.name, f"{self.url}/readyz")
+
+    def stop(self) -> int:
+        """``podman stop`` (SIGTERM, SIGKILL after 30 s); the server's exit code."""
+        self.tools.podman("stop", "--time", "30", self.name)
+        return int(self.tools.inspect(self.name, "{{.State.ExitCode}}"))
+
+    def restart(self) -> float:
+        self.tools.podman("start", self.name)
+        return self.wait_ready()
+
+    def cache_dir(self) -> Path:
+        """The volume's directory on this machine."""
+        volume = self.tools.podman("volume", "inspect", "--format", "{{.Mountpoint}}", self.volume)
+        return Path(volume.stdout.strip())
+
+    def uids(self) -> list[str]:
+        """Real, effective, saved and filesystem uid of the server process."""
+        status = Path(f"/proc/{self.tools.inspect(self.name, '{{.State.Pid}}')}/status")
+        match = re.search(r"^Uid:\s+(.*)$", status.read_text(), re.MULTILINE)
+        assert match is not None
+        return match[1].split()
+
+
+class StallingUpstream(http.server.ThreadingHTTPServer):
+    """A registry with one blob whose download stops half-way until :attr:`release` is set;
+    once :attr:`whole` is set, it is served in full."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StallingHandler)
+        self.blob = os.urandom(4 << 20)
+        self.digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
+        self.whole = threading.Event()
+        self.release = threading.Event()
+        self.blob_gets = 0
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> StallingUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+        self.thread.join()
+
+
+class _StallingHandler(http.server.BaseHTTPRequestHandler):
+    server: StallingUpstream
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        if self.path == "/v2/":
+            self._headers(200, 2, "application/json")
+            self.wfile.write(b"{}")
+            return
+        if not self.path.endswith(f"/blobs/{self.server.digest}"):
+            self._headers(404, 0, "application/json")
+            return
+        self.server.blob_gets += 1
+        blob = self.server.blob
+        self._headers(200, len(blob), "application/octet-stream")
+        if self.server.whole.is_set():
+            self.wfile.write(blob)
+            return
+        self.wfile.write(blob[: len(blob) // 2])
+        self.wfile.flush()
+        self.server.release.wait(60)
+        self.close_connection = True
+
+    def _headers(self, status: int, length: int, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+        self.end_headers()

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.support import skopeo
-from tests.support.clients import access_lines, missing_tools
+from tests.support.clients import access_lines, missing_tools, only_loopback
 from tests.support.image import (
     Container,
     ContainerTools,
@@ -77,9 +77,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     if os.geteuid() != 0:
         pytest.fail("buildah and podman run containers as root here: run scripts/test")
-    with open("/proc/self/net/dev") as dev:
-        interfaces = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
-    if interfaces != ["lo"]:
+    if not only_loopback():
         pytest.fail("run inside `unshare --net` with only loopback, as scripts/test does")
     missing = missing_tools("buildah", "podman", "runc", "conmon", "skopeo")
     if missing:

@@ -3,8 +3,9 @@
 # Offline, pip takes the wheels from a directory instead of an index:
 #   buildah bud --volume /path/to/wheels:/wheels:ro \
 #     --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels -t mirror .
-# (`pip download --dest /path/to/wheels . setuptools wheel` on a connected machine
-# fills it), or `--build-arg PIP_INDEX_URL=…` names a local package index.
+# (`pip download --only-binary=:all: --dest /path/to/wheels . setuptools wheel`
+# on a connected machine fills it), or `--build-arg PIP_INDEX_URL=…` names a local
+# package index.
 
 FROM python:3.11-slim AS build
 ARG PIP_NO_INDEX

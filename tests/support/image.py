@@ -125,13 +125,10 @@ class ContainerTools(Podman):
 
     def __init__(self, registries_conf: str) -> None:
         super().__init__(registries_conf, storage_driver="overlay")
+        engine = self.containers_conf.read_text()
         self.containers_conf.write_text(
-            self.containers_conf.read_text()
-            + "[containers]\n"
-            + 'default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
-        )
-        self.containers_conf.write_text(
-            self.containers_conf.read_text().replace("[engine]\n", '[engine]\nruntime = "runc"\n')
+            engine.replace("[engine]\n", '[engine]\nruntime = "runc"\n')
+            + '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
         )
         self.policy = self.workdir / "policy.json"
         self.policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
@@ -172,8 +169,9 @@ class ContainerTools(Podman):
             except httpx.TransportError:
                 pass
             if self.inspect(name, "{{.State.Running}}") != "true":
-                logs = self.podman("logs", name).stdout + self.podman("logs", name).stderr
-                raise RuntimeError(f"container {name} exited while starting:\n{logs[-3000:]}")
+                logs = self.podman("logs", name)
+                output = (logs.stdout + logs.stderr)[-3000:]
+                raise RuntimeError(f"container {name} exited while starting:\n{output}")
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{url} not answering 200 after {timeout}s")
             time.sleep(0.1)

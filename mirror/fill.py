@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -26,15 +25,13 @@ from pathlib import Path
 import anyio
 
 from .errors import DigestMismatch, OCIError, Unavailable
-from .locks import FileLock, lock_is_held, read_note
+from .locks import FileLock
 from .reference import Digest
 from .upstream import BlobResponse
 
 __all__ = [
-    "FOREIGN_POLL_SECONDS",
     "DiskFull",
     "Fill",
-    "ForeignFill",
     "Progress",
     "report_disk_failure",
     "follow",
@@ -43,8 +40,6 @@ __all__ = [
 log = logging.getLogger("mirror.fill")
 
 _READ_CHUNK = 1024 * 1024
-# How often a reader following another worker's fill looks for new bytes.
-FOREIGN_POLL_SECONDS = 0.02
 
 
 class Progress:
@@ -137,6 +132,7 @@ class Fill(Progress):
                     self._written += len(chunk)
                     self._notify()
             self._verify()
+            self.size = self._written
             os.close(self._fd)
             self._fd = -1
             # Verified: every reader may have every byte, whether or not it gets cached.
@@ -212,35 +208,6 @@ def report_disk_failure(exc: BaseException, what: str) -> bool:
         _disk_full.logged = True
         log.error("cache disk is full: passing content through without caching (%s)", what)
     return full
-
-
-class ForeignFill(Progress):
-    """Another worker's fill, followed through its temporary file and lock."""
-
-    def __init__(self, fd: int, lock_path: Path, is_cached: Callable[[], bool]) -> None:
-        self._fd = fd  # the reader's descriptor on the file: its size is our progress
-        self._lock_path = lock_path
-        self._is_cached = is_cached
-        note = read_note(lock_path)
-        self.size = int(note) if note.isdigit() else None
-        self._result: bool | None = None
-
-    def readable(self) -> int:
-        if self._result:
-            return self.size if self.size is not None else sys.maxsize
-        on_disk = os.fstat(self._fd).st_size
-        # Like our own fills, stay short of the end until the owner has verified it.
-        return min(on_disk, self.size - 1) if self.size else 0
-
-    def outcome(self) -> bool | None:
-        if self._result is None and not lock_is_held(self._lock_path):
-            if not self._is_cached():
-                raise Unavailable("the worker filling this blob failed; retry")
-            self._result = True
-        return self._result
-
-    async def wait(self) -> None:
-        await asyncio.sleep(FOREIGN_POLL_SECONDS)
 
 
 async def follow(

@@ -12,6 +12,7 @@ what is served stale. This is the one module that decides.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -37,8 +38,9 @@ from .errors import (
     TooManyRequests,
     Unavailable,
 )
-from .fill import DiskFull, Fill, ForeignFill, report_disk_failure
-from .locks import FileLock
+from .fill import DiskFull, Fill, report_disk_failure
+from .foreign import FOREIGN_POLL_SECONDS, ForeignBlob
+from .locks import FileLock, lock_is_held
 from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
@@ -321,7 +323,7 @@ class PullThroughCache:
         self.before_upstream()
         lock = FileLock(self.store.lock_path(digest))
         if not lock.try_acquire():
-            return await self._follow_foreign(digest, source)
+            return await self._follow_foreign(upstream, repository, digest, source)
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
             return await self._get_blob(upstream, repository, digest)
@@ -365,21 +367,27 @@ class PullThroughCache:
             raise
         return FollowedBlob(fill, fd, result, source)
 
-    async def _follow_foreign(self, digest: Digest, source: BlobSource) -> Blob:
-        try:
-            fd = os.open(self.store.temp_path(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            # The other worker finished (or failed) between our lock attempt and now.
+    async def _follow_foreign(
+        self, upstream: Upstream, repository: str, digest: Digest, source: BlobSource
+    ) -> Blob:
+        lock_path = self.store.lock_path(digest)
+        while True:
+            try:
+                fd = os.open(self.store.temp_path(digest), os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            else:
+                open_cached = functools.partial(self.store.open_blob, digest)
+                return ForeignBlob(digest, fd, lock_path, open_cached)
+            # Between the other worker's lock and its file, or its rename and its
+            # index commit, there is no file to follow: that is no failure.
+            running = lock_is_held(lock_path)
             handle = await self._disk(self.store.open_blob, digest)
-            if handle is None:
-                raise Unavailable(
-                    f"blob {digest} is being filled by another worker; retry"
-                ) from None
-            return CachedBlob(handle)
-        progress = ForeignFill(
-            fd, self.store.lock_path(digest), lambda: self.store.has_blob(digest)
-        )
-        return FollowedBlob(progress, fd, "coalesced", source)
+            if handle is not None:
+                return CachedBlob(handle)
+            if not running:  # it ended without caching: fill it here
+                return await self._get_blob(upstream, repository, digest)
+            await asyncio.sleep(FOREIGN_POLL_SECONDS)
 
     async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """A blob's size, without downloading it."""

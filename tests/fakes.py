@@ -39,6 +39,7 @@ class FakeRegistry:
     status: int | None = None  # every registry request answers this status
     corrupt: set[str] = field(default_factory=set)  # blob digests served with wrong bytes
     hold_blobs: asyncio.Event | None = None  # blob bodies pause halfway until set
+    no_length: bool = False  # blob answers carry no Content-Length
     halfway: asyncio.Event = field(default_factory=asyncio.Event)
     expires_in: int = 300
     headers: dict[str, str] = field(default_factory=dict)  # added to manifest answers
@@ -186,6 +187,8 @@ class FakeRegistry:
         if digest in self.corrupt:
             data = bytes(reversed(data))
         headers = {"Content-Length": str(len(data)), "Docker-Content-Digest": digest}
+        if self.no_length:
+            del headers["Content-Length"]
         if request.method == "HEAD":
             return httpx.Response(200, headers=headers)
         return httpx.Response(200, headers=headers, content=self._stream(data))

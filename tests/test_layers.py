@@ -30,7 +30,7 @@ LAYERS = [
         "security.tokens",
         "security.limits",
     },
-    {"upstream", "fill", "blobs", "inventory", "integrity"},
+    {"upstream", "fill", "blobs", "inventory", "integrity", "foreign"},
     {"referrers", "service"},
     {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
     {"app"},

@@ -1,0 +1,84 @@
+"""Two workers of a real ``mirror serve`` sharing fills: whichever worker fills a blob,
+a response that ends cleanly carries exactly the blob's bytes, and a follower never
+takes the moments between lock, temp file, rename and index commit for a failure."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes import FakeRegistry
+from tests.support.mirror import MirrorProcess
+from tests.support.quirky import QuirkyUpstream
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def upstream() -> Iterator[QuirkyUpstream]:
+    with QuirkyUpstream(FakeRegistry()) as quirky:
+        yield quirky
+
+
+def _mirror(upstream: QuirkyUpstream, **cache: Any) -> MirrorProcess:
+    entry = {"name": "docker.io", "url": upstream.url, "retries": 0}
+    return MirrorProcess([entry], workers=2, **cache)
+
+
+def _pull(url: str) -> tuple[str, str]:
+    """("ok", digest) for a body that ended cleanly, ("aborted", "") for a broken one,
+    or ("status N", message) for an error answer."""
+    hasher = hashlib.sha256()
+    try:
+        with httpx.stream("GET", url, timeout=60) as response:
+            if response.status_code != 200:
+                return f"status {response.status_code}", response.read().decode()[:200]
+            for chunk in response.iter_bytes():
+                hasher.update(chunk)
+    except httpx.HTTPError:
+        return "aborted", ""
+    return "ok", "sha256:" + hasher.hexdigest()
+
+
+def test_followers_in_either_worker_never_end_cleanly_on_a_failed_fills_bytes(
+    upstream: QuirkyUpstream,
+) -> None:
+    """The upstream sends no Content-Length and breaks off the first fills at 40%, while
+    requests keep arriving: some follow a fill that fails, in the other worker, while a
+    new fill of the same blob starts."""
+    digest = upstream.registry.add_blob(os.urandom(8 * 1024 * 1024))
+    upstream.no_length, upstream.break_blobs, upstream.piece_delay = True, 3, 0.004
+    with _mirror(upstream) as mirror:
+        url = f"{mirror.url}/v2/library/x/blobs/{digest}"
+        start = time.monotonic()
+
+        def arrive(i: int) -> tuple[str, str]:
+            time.sleep(max(start + i * 0.02 - time.monotonic(), 0))  # a steady stream
+            return _pull(url)
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(arrive, range(200)))
+    wrong = [r for r in results if r[0] == "ok" and r[1] != digest]
+    assert wrong == [], f"{len(wrong)} clean responses with wrong bytes: {Counter(results)}"
+    assert any(r == ("ok", digest) for r in results), Counter(results)
+
+
+def test_no_spurious_503_when_many_requests_race_for_each_digest_across_workers(
+    upstream: QuirkyUpstream,
+) -> None:
+    blobs = [upstream.registry.add_blob(os.urandom(32 * 1024)) for _ in range(40)]
+    with _mirror(upstream) as mirror:
+        urls = [f"{mirror.url}/v2/library/x/blobs/{d}" for d in blobs for _ in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(_pull, urls))
+    expected = [("ok", d) for d in blobs for _ in range(8)]
+    failures = Counter(r for r, e in zip(results, expected, strict=True) if r != e)
+    assert not failures, failures

@@ -33,6 +33,7 @@ from .errors import (
     PaginationInvalid,
     QueryInvalid,
     RangeNotSatisfiable,
+    Unavailable,
     Unsupported,
 )
 from .manifest import OCI_INDEX, accepted_types
@@ -151,9 +152,25 @@ class _BlobStream(StreamingResponse):
             pass  # the client went away
 
 
+async def _size_for_http_1_0(found: Blob) -> None:
+    """An HTTP/1.0 client cannot read chunked framing (RFC 9112, 6.1), and uvicorn
+    frames a body of unknown length so: wait until the length is known."""
+    try:
+        if await found.known_size() is not None:
+            return
+    except BaseException:
+        found.close()
+        raise
+    found.close()
+    raise Unavailable("the blob's length is unknown until it is fetched whole; retry")
+
+
 def _read_only(request: Request) -> None:
     if request.method not in _READ_METHODS:
-        raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
+        raise Unsupported(
+            f"{request.method} is not supported: this registry is a read-only mirror",
+            headers={"Allow": ", ".join(_READ_METHODS)},  # RFC 9110: a 405 says what is allowed
+        )
 
 
 def _byte_range(header: str | None, size: int | None) -> tuple[int, int] | None:
@@ -245,9 +262,14 @@ def create_app(
         digest = requested_digest(request.path_params["digest"], BlobUnknown)
         if request.method == "HEAD":
             size = await cache.head_blob(upstream, repository, digest)
-            return Response(headers=_blob_headers(digest, size))
+            response = Response(headers=_blob_headers(digest, size))
+            if size is None:  # unknown: say nothing rather than Starlette's "0"
+                del response.headers["content-length"]
+            return response
         found = await cache.get_blob(upstream, repository, digest)
         request.state.cache_result = found.result
+        if found.size is None and request.scope.get("http_version") == "1.0":
+            await _size_for_http_1_0(found)
         return _blob_response(found, digest, request.headers.get("range"))
 
     async def tags(request: Request) -> Response:

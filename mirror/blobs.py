@@ -33,6 +33,10 @@ class Blob:
     def close(self) -> None:
         raise NotImplementedError
 
+    async def known_size(self) -> int | None:
+        """The size, once it can be known (a fill of unannounced size must end first)."""
+        return self.size
+
 
 class CachedBlob(Blob):
     def __init__(self, handle: BinaryIO) -> None:
@@ -71,11 +75,28 @@ class FollowedBlob(Blob):
         self._fd: int | None = fd
         self._resume = resume
 
+    async def _verified(self) -> None:
+        while not self._progress.outcome():  # raises if the fill failed
+            await self._progress.wait()
+
+    async def known_size(self) -> int | None:
+        if self.size is None:
+            await self._verified()
+            self.size = self._progress.size
+        return self.size
+
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         assert self._fd is not None
         fd, self._fd = self._fd, None
         position = start
         try:
+            if (start, end) != (0, None):
+                # A range ends short of the blob's end: only verified bytes may end it.
+                try:
+                    await self._verified()
+                except BaseException:
+                    os.close(fd)
+                    raise
             async for data in follow(self._progress, fd, start, end):
                 position += len(data)
                 yield data

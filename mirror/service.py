@@ -173,6 +173,13 @@ class PullThroughCache:
     async def get_manifest(
         self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]
     ) -> Manifest:
+        if not accept:
+            # Like distribution: a client that accepts none of the manifest types there
+            # are gets MANIFEST_UNKNOWN, at no cost upstream.
+            raise ManifestUnknown(
+                f"manifest {reference}: the client accepts none of the manifest types",
+                detail={"accepted": [], "supported": list(MANIFEST_TYPES)},
+            )
         if isinstance(reference, Digest):
             manifest = await self._manifest_by_digest(upstream, repository, reference, accept)
         else:

@@ -132,7 +132,9 @@ class Upstream:
                 if isinstance(settings.tls_verify, str)
                 else settings.tls_verify
             ),
-            "headers": {"User-Agent": "mirror/0.1"},
+            # Digests are of the bytes as stored: ask for them unencoded (httpx asks for
+            # gzip, br and zstd by default); open_blob copes with an upstream that encodes anyway.
+            "headers": {"User-Agent": "mirror/0.1", "Accept-Encoding": "identity"},
             "event_hooks": {"request": [self._on_request], "response": [self._on_response]},
         }
         self._token_client = httpx.AsyncClient(**common)  # type: ignore[arg-type]
@@ -368,7 +370,9 @@ class Upstream:
             unknown=BlobUnknown,
             headers=headers,
         )
-        length = response.headers.get("Content-Length")
+        # A Content-Length of an encoded body is not the blob's: decode, and say no size.
+        encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
+        length = None if encoded else response.headers.get("Content-Length")
         # An upstream that ignores Range sends it all: skip what the reader has.
         skip = start if start and response.status_code == 200 else 0
 
@@ -378,7 +382,7 @@ class Upstream:
             # Bytes are counted per chunk too: a metric update costs more than a piece.
             to_skip, pending, pending_size, received = skip, list[bytes](), 0, 0
             try:
-                async for piece in response.aiter_raw():
+                async for piece in response.aiter_bytes() if encoded else response.aiter_raw():
                     received += len(piece)
                     if to_skip:
                         piece, to_skip = piece[to_skip:], max(to_skip - len(piece), 0)

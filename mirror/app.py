@@ -7,9 +7,11 @@ never decide whether to go upstream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlencode
 
@@ -40,6 +42,7 @@ from .manifest import OCI_INDEX, accepted_types
 from .metrics import CONTENT_TYPE
 from .reference import Digest, parse_digest, requested_digest, requested_reference
 from .service import Manifest, PullThroughCache
+from .store import ORPHAN_GRACE_SECONDS
 from .upstream import Upstream
 from .web_admin import AdminRoutes
 from .web_auth import Gate
@@ -321,12 +324,24 @@ def create_app(
             return PlainTextResponse("ready\n")
         return PlainTextResponse("cache directory not writable or index unreadable\n", 503)
 
+    async def sweep_orphans() -> None:
+        """Blob files a crash left outside the index, at start and then now and again."""
+        while True:
+            try:
+                await anyio.to_thread.run_sync(store.reclaim_orphans)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("could not sweep the cache for orphaned blob files: %s", exc)
+            await asyncio.sleep(ORPHAN_GRACE_SECONDS / 2)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.clean_temp()
+        sweeper = asyncio.ensure_future(sweep_orphans())
         try:
             yield
         finally:
+            sweeper.cancel()
+            metrics.worker_exiting()
             await admin.aclose()
             await anyio.to_thread.run_sync(inventory.flush_pulls)
             await cache.aclose()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -118,7 +119,7 @@ class Metrics:
             "mirror_upstream_breaker_open",
             "1 while an upstream is considered down (circuit breaker open) in some worker.",
             ["upstream"],
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",  # a dead worker's open breaker is no alert
             registry=r,
         )
         self.evictions = Counter(
@@ -165,10 +166,16 @@ class Metrics:
         if self._multiprocess_dir is None:
             self.registry.register(_CacheCollector(facts))
 
+    def worker_exiting(self) -> None:
+        """Drop this worker's live gauges (in-flight fills, open breakers) from scrapes."""
+        if self._multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self._multiprocess_dir)  # type: ignore[no-untyped-call]
+
     def scrape_registry(self) -> CollectorRegistry:
         """What a scrape reads: every worker's counts, and the disk's facts."""
         if self._multiprocess_dir is None:
             return self.registry
+        _forget_dead_workers(self._multiprocess_dir)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, self._multiprocess_dir)  # type: ignore[no-untyped-call]
         registry.register(_CacheCollector(self._facts))
@@ -176,3 +183,26 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.scrape_registry())
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """A worker killed with -9 never says it exits: its live gauges (in-flight fills,
+    an open breaker) would count forever. Drop those of every process that is gone."""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie is dead, just not reaped

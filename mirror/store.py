@@ -18,6 +18,7 @@ Layout under the cache directory::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import tempfile
@@ -34,13 +35,21 @@ import diskcache
 from .locks import FileLock
 from .reference import Digest
 
-__all__ = ["AdoptFile", "Store", "TagRecord"]
+__all__ = ["ORPHAN_GRACE_SECONDS", "AdoptFile", "Store", "TagRecord"]
+
+log = logging.getLogger("mirror.store")
 
 # Manifests (≤ 4 MiB) stay inside SQLite; only blobs become files.
 _INLINE_LIMIT = 8 * 1024 * 1024
 # Memory for hot manifests and tag records, per process.
 _MEMO_BYTES = 64 * 1024 * 1024
 _TAG_RECORD_SIZE = 256  # roughly what one record costs in memory
+_RENAME_ATTEMPTS = 5
+# A blob file that no index entry names is an orphan once it is this old: a crash
+# between an adoption's rename and its commit, or between an eviction's commit and
+# its unlink, leaves one. The index waits up to 60 s for a write lock; this is
+# far beyond the time from an adoption's rename to its commit.
+ORPHAN_GRACE_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,19 @@ class _BlobDisk(diskcache.Disk):  # type: ignore[misc]
             "blobs", digest.algorithm, digest.hex[:2], f"{digest.hex}.{os.urandom(4).hex()}"
         )
         full_path = os.path.join(self._directory, filename)
-        os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
         size = os.path.getsize(value.path)
-        os.replace(value.path, full_path)
+        # The orphan sweep judges a file unindexed by age: it is young from its rename.
+        os.utime(value.path)
+        for attempt in range(_RENAME_ATTEMPTS):
+            os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
+            try:
+                os.replace(value.path, full_path)
+                break
+            except FileNotFoundError:
+                # Another worker's eviction removed the emptied directory (diskcache's
+                # cleanup prunes empty parents) between our makedirs and rename.
+                if not os.path.exists(value.path) or attempt == _RENAME_ATTEMPTS - 1:
+                    raise
         return size, diskcache.core.MODE_BINARY, filename, None
 
 
@@ -353,6 +372,32 @@ class Store:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 lock.release(remove=True)
+
+    def reclaim_orphans(self, grace: float = ORPHAN_GRACE_SECONDS) -> int:
+        """Remove blob files older than ``grace`` that no index entry names; returns how many."""
+        cutoff = time.time() - grace  # file times are wall-clock, whatever self._now says
+        old: list[Path] = []
+        for path in (self.directory / "blobs").glob("*/*/*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    old.append(path)
+        if not old:
+            return 0
+        # Read after listing: a file adopted meanwhile is young, so not in ``old``.
+        with contextlib.closing(sqlite3.connect(self.directory / "cache.db", timeout=60)) as db:
+            rows = db.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()
+        indexed = {str(filename) for (filename,) in rows}
+        removed = 0
+        for path in old:
+            if str(path.relative_to(self.directory)) not in indexed:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.warning(
+                "removed %d blob files that the index does not know (crash leftovers)", removed
+            )
+        return removed
 
     def facts(self) -> tuple[int, dict[str, int], int]:
         """Bytes on disk, entries by kind (blob, manifest, tag, tags, missing, referrers),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from tests.fakes import FakeRegistry
 from tests.support.mirror import MirrorProcess
+from tests.support.ports import wait_http_ok
 from tests.support.quirky import QuirkyUpstream
 
 pytestmark = pytest.mark.e2e
@@ -82,3 +84,29 @@ def test_no_spurious_503_when_many_requests_race_for_each_digest_across_workers(
     expected = [("ok", d) for d in blobs for _ in range(8)]
     failures = Counter(r for r, e in zip(results, expected, strict=True) if r != e)
     assert not failures, failures
+
+
+def _gauge(mirror: MirrorProcess, name: str) -> float:
+    text = httpx.get(f"{mirror.url}/metrics", timeout=30).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ")]
+    return sum(values)
+
+
+def test_a_killed_workers_live_gauges_are_dropped(upstream: QuirkyUpstream) -> None:
+    digest = upstream.registry.add_blob(os.urandom(4 * 1024 * 1024))
+    upstream.piece_delay = 0.05  # a fill of some seconds
+    with _mirror(upstream) as mirror:
+        url = f"{mirror.url}/v2/library/x/blobs/{digest}"
+        with httpx.stream("GET", url, timeout=30) as response:
+            next(response.iter_bytes())
+            assert _gauge(mirror, "mirror_fills_in_flight") == 1
+            workers = set(mirror.pids()[1:])
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+        # uvicorn's supervisor starts new workers; wait until both answer.
+        deadline = time.monotonic() + 60
+        while len(set(mirror.pids()[1:]) - workers) < 2:
+            assert time.monotonic() < deadline, "workers were not restarted"
+            time.sleep(0.05)
+        wait_http_ok(f"{mirror.url}/v2/")
+        assert _gauge(mirror, "mirror_fills_in_flight") == 0

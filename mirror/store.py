@@ -45,6 +45,10 @@ _INLINE_LIMIT = 8 * 1024 * 1024
 _MEMO_BYTES = 64 * 1024 * 1024
 _TAG_RECORD_SIZE = 256  # roughly what one record costs in memory
 _RENAME_ATTEMPTS = 5
+# How long a tag record in one worker's memory is served without a look at the
+# shared index, where another worker may have recorded the tag's move: the bound
+# on workers disagreeing about a tag (a SQLite read per tag per worker per second).
+_TAG_MEMO_SECONDS = 1.0
 # A blob file that no index entry names is an orphan once it is this old: a crash
 # between an adoption's rename and its commit, or between an eviction's commit and
 # its unlink, leaves one. The index waits up to 60 s for a write lock; this is
@@ -131,8 +135,8 @@ class _Memo:
 
     Hot manifests and tags are served from memory, on the event loop, without a
     SQLite read (and the write that LRU bookkeeping costs). Manifests are immutable;
-    a tag record here may be older than another worker's revalidation, which costs
-    at most one early revalidation. Bounded by total size.
+    tag records are kept with the time they were read (``_TAG_MEMO_SECONDS``).
+    Bounded by total size.
     """
 
     def __init__(self, max_bytes: int, mark: Path | None = None) -> None:
@@ -290,25 +294,37 @@ class Store:
 
     # tags
 
+    def _memo_tag(self, key: str) -> TagRecord | None:
+        # Another worker may have moved the tag in the shared index: a record from
+        # memory is only trusted for a moment after it was read or written.
+        memo = self._memo.get(key)
+        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < _TAG_MEMO_SECONDS:
+            record: TagRecord = memo[0]
+            return record
+        return None
+
+    def _remember_tag(self, key: str, record: TagRecord) -> None:
+        self._memo.put(key, (record, self._now()), _TAG_RECORD_SIZE)
+
     def memo_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
         """A tag record from memory only: no I/O, fine on the event loop."""
-        return self._memo.get(_tag_key(upstream, repository, tag, accept))  # type: ignore[return-value]
+        return self._memo_tag(_tag_key(upstream, repository, tag, accept))
 
     def get_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
         key = _tag_key(upstream, repository, tag, accept)
-        record = self._memo.get(key)
-        if isinstance(record, TagRecord):
+        record = self._memo_tag(key)
+        if record is not None:
             return record
         value = self._index.get(key)
         if value is None:
             return None
         digest, media_type, checked_at = value
         record = TagRecord(Digest(*digest), media_type, checked_at)
-        self._memo.put(key, record, _TAG_RECORD_SIZE)
+        self._remember_tag(key, record)
         return record
 
     def put_tag(
@@ -323,7 +339,7 @@ class Store:
         key = _tag_key(upstream, repository, tag, accept)
         checked_at = self._now()
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
-        self._memo.put(key, TagRecord(digest, media_type, checked_at), _TAG_RECORD_SIZE)
+        self._remember_tag(key, TagRecord(digest, media_type, checked_at))
 
     def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
         value = self._index.get(f"tags:{upstream}/{repository}")

@@ -159,13 +159,13 @@ async def _size_for_http_1_0(found: Blob) -> None:
     """An HTTP/1.0 client cannot read chunked framing (RFC 9112, 6.1), and uvicorn
     frames a body of unknown length so: wait until the length is known."""
     try:
-        if await found.known_size() is not None:
-            return
+        size = await found.known_size()
     except BaseException:
         found.close()
         raise
-    found.close()
-    raise Unavailable("the blob's length is unknown until it is fetched whole; retry")
+    if size is None:  # passed through from an upstream that does not say
+        found.close()
+        raise Unavailable("the blob's length is unknown until it is fetched whole; retry")
 
 
 def _read_only(request: Request) -> None:

@@ -330,7 +330,7 @@ class PullThroughCache:
         self.before_upstream()
         lock = FileLock(self.store.lock_path(digest))
         if not lock.try_acquire():
-            return await self._follow_foreign(upstream, repository, digest, source)
+            return await self._follow_foreign(upstream, repository, digest)
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
             return await self._get_blob(upstream, repository, digest)
@@ -374,9 +374,7 @@ class PullThroughCache:
             raise
         return FollowedBlob(fill, fd, result, source)
 
-    async def _follow_foreign(
-        self, upstream: Upstream, repository: str, digest: Digest, source: BlobSource
-    ) -> Blob:
+    async def _follow_foreign(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         lock_path = self.store.lock_path(digest)
         while True:
             try:

@@ -17,6 +17,9 @@ from .upstream import BlobResponse
 __all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
 
 _CACHED_READ_CHUNK = 2 * 1024 * 1024
+# Reads this small (configs, small layers, a blob's tail) cost less than the hop to a
+# thread and back; they are read on the event loop.
+_INLINE_READ = 64 * 1024
 
 
 class Blob:
@@ -45,9 +48,11 @@ class CachedBlob(Blob):
         assert stop is not None
         try:
             while position < stop:
-                data = await anyio.to_thread.run_sync(
-                    os.pread, fd, min(_CACHED_READ_CHUNK, stop - position), position
-                )
+                size = min(_CACHED_READ_CHUNK, stop - position)
+                if size <= _INLINE_READ:
+                    data = os.pread(fd, size, position)
+                else:
+                    data = await anyio.to_thread.run_sync(os.pread, fd, size, position)
                 if not data:
                     raise Unavailable("cached blob is shorter than its record")
                 position += len(data)

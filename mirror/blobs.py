@@ -36,6 +36,11 @@ class Blob:
     def close(self) -> None:
         raise NotImplementedError
 
+    def small_body(self, start: int, end: int) -> bytes | None:
+        """Bytes start..end at once, when they are few and on disk (then the blob is
+        closed); None when they must be streamed with ``chunks``."""
+        return None
+
 
 class CachedBlob(Blob):
     def __init__(self, handle: BinaryIO) -> None:
@@ -62,6 +67,17 @@ class CachedBlob(Blob):
 
     def close(self) -> None:
         self._handle.close()
+
+    def small_body(self, start: int, end: int) -> bytes | None:
+        if end - start > _INLINE_READ:
+            return None
+        try:
+            data = os.pread(self._handle.fileno(), end - start, start)
+        finally:
+            self.close()
+        if len(data) != end - start:
+            raise Unavailable("cached blob is shorter than its record")
+        return data
 
 
 BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]

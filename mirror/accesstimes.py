@@ -28,11 +28,9 @@ class AccessTimes:
         write: Callable[[Mapping[str, float]], None],
         *,
         interval: float = 1.0,
-        now: Callable[[], float] = time.time,
     ) -> None:
         self._write = write
         self._interval = interval
-        self._now = now
         self._pending: dict[str, float] = {}
         self._lock = threading.Lock()  # guards _pending and _thread
         self._flushing = threading.Lock()  # one batch at a time, in order
@@ -42,7 +40,8 @@ class AccessTimes:
     def touch(self, key: str) -> None:
         """Record a use of ``key`` now; cheap enough for the event loop."""
         with self._lock:
-            self._pending[key] = self._now()
+            # diskcache keeps access times by the real clock, whatever the store's says
+            self._pending[key] = time.time()
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._run, name="mirror-access-times", daemon=True

@@ -30,18 +30,27 @@ from typing import Any
 import httpx
 
 from tests.support import skopeo
-from tests.support.images import ALL_MANIFEST_TYPES, ImageInfo, IndexInfo, write_image, write_index
+from tests.support.images import (
+    ALL_MANIFEST_TYPES,
+    OCI_INDEX,
+    ImageInfo,
+    IndexInfo,
+    write_image,
+    write_index,
+)
 from tests.support.registry import AccessLogEntry, UpstreamRegistry, parse_access_log
 
 from .link import format_rate, parse_rate
 from .load import (
     PULL_TIMEOUT,
     PullRun,
+    WrkRun,
     blob_throughput,
     check_pulled,
     concurrent_pulls,
     remove_pulls,
     run_wrk,
+    run_wrk_mix,
 )
 from .procs import (
     CacheServer,
@@ -54,10 +63,11 @@ from .procs import (
     get_ok,
     wait_quiet,
 )
+from .profile import py_spy, summarize
 from .report import Against, Condition, Figure, render_table, write_json
 
 MiB = 1024 * 1024
-STEPS = ("link", "1", "2", "3", "4", "5", "6")
+STEPS = ("link", "1", "2", "3", "4", "5", "6", "7")
 COLD_STEPS = {"1", "3", "6"}  # the steps that pull through the link (which "link" checks)
 STEP_NAMES = {
     "cold": "1",
@@ -66,6 +76,7 @@ STEP_NAMES = {
     "manifests": "4",
     "blobs": "5",
     "rss": "6",
+    "mixed": "7",
 }
 ACCEPT = ", ".join(ALL_MANIFEST_TYPES)
 CONCURRENT_PULLS = 10
@@ -90,6 +101,8 @@ class Plan:
     blob_rounds_streams: int  #: sequential downloads by each of the parallel clients
     link_rounds_single: int  #: link check: sequential downloads of the big layer, 1 stream
     link_streams: int  #: link check: parallel downloads of the big layer (one each)
+    mix_seconds: float  #: each wrk run of the mixed load
+    mix_rounds: int  #: runs per load and cache, mirror and reference taking turns
 
 
 FULL = Plan(
@@ -105,6 +118,8 @@ FULL = Plan(
     blob_rounds_streams=2,
     link_rounds_single=1,
     link_streams=4,
+    mix_seconds=10,
+    mix_rounds=2,
 )
 QUICK = dataclasses.replace(
     FULL,
@@ -115,6 +130,7 @@ QUICK = dataclasses.replace(
     blob_rounds_single=2,
     blob_rounds_streams=1,
     link_rounds_single=3,
+    mix_seconds=3,
 )
 
 
@@ -237,6 +253,48 @@ def _figures(plan: Plan, rate: float) -> list[Figure]:
                applies_direct=True),
         Figure("6", "peak_rss", "peak RSS during step 3", "MiB", 1,
                targets=(Condition("<=", 150),)),
+        *(figure for load in MIXED_LOADS for figure in _mixed_figures(load)),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MixedLoad:
+    """One wrk run of step 7: ``connections`` going round the warm mix."""
+
+    key: str
+    connections: int
+    accept: str  #: "full": the 4 manifest types; "single": only the manifest's own type
+
+    @property
+    def label(self) -> str:
+        accept = "Accept: 4 types" if self.accept == "full" else "Accept: 1 type"
+        return f"warm mix, {self.connections} connections, {accept}"
+
+
+MIXED_LOADS = (
+    MixedLoad("mix_100_full", 100, "full"),
+    MixedLoad("mix_100_single", 100, "single"),
+    MixedLoad("mix_1000_full", 1000, "full"),
+)
+
+
+def _mixed_figures(load: MixedLoad) -> list[Figure]:
+    ref: Against = "reference"
+    base = load.connections == 100
+    p99 = (Condition("<=", 50),) if base else ()  # 1,000: ≤ 10× the 100 figure, set in step 7
+    k = load.key
+    return [
+        Figure("7", f"{k}_rps", load.label, "req/s", 0,
+               targets=(Condition(">=", 10, ref),) if base else ()),
+        Figure("7", f"{k}_p50", "  p50 latency", "ms", 1),
+        Figure("7", f"{k}_p90", "  p90 latency", "ms", 1),
+        Figure("7", f"{k}_p99", "  p99 latency", "ms", 1, targets=p99),
+        Figure("7", f"{k}_max", "  max latency", "ms", 0,
+               targets=(Condition("<=", 250),) if base else ()),
+        Figure("7", f"{k}_errors", "  errors (socket, timeout, non-2xx)", "req", 0,
+               targets=(Condition("==", 0, decimals=0),)),
+        Figure("7", f"{k}_upstream", "  upstream requests", "req", 0,
+               targets=(Condition("==", 0, decimals=0),)),
     ]  # fmt: skip
 
 
@@ -247,6 +305,7 @@ class Bench:
     steps: set[str]
     rate: float  #: the upstream link's bandwidth in bytes/s, 0 for none
     latency_ms: float  #: the upstream link's delay per connection setup
+    profile: Path | None = None  #: where step 7 writes py-spy profiles of the mirror
     figures: dict[str, Figure] = field(init=False)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -753,6 +812,128 @@ class Bench:
                     f"upstream {len(entries)} requests"
                 )
 
+    def mixed_requests(self, accept: str) -> list[tuple[str, dict[str, str]]]:
+        """The warm mix: every image's manifest by tag and by digest, and its config blob.
+
+        ``accept`` "full" sends the 4 manifest types on every manifest GET; "single" only
+        the type of the manifest asked for (what a client that knows it sends)."""
+        requests: list[tuple[str, dict[str, str]]] = []
+        for name, image in self.images.named():
+            media_type = image.manifest_media_type if isinstance(image, ImageInfo) else OCI_INDEX
+            headers = {"Accept": ACCEPT if accept == "full" else media_type}
+            for reference in ("1", image.manifest_digest):
+                requests.append((f"/v2/bench/{name}/manifests/{reference}", headers))
+            configs = [image] if isinstance(image, ImageInfo) else list(image.images)
+            for config in configs:
+                requests.append((f"/v2/bench/{name}/blobs/{config.config_digest}", {}))
+        return requests
+
+    def step_mixed(self) -> None:
+        plan = self.plan
+        self.say(
+            f"step 7: warm mixed load (manifests by tag and digest, config blobs), wrk "
+            f"-t{plan.wrk_threads} -d{plan.mix_seconds:g}s, {plan.mix_rounds} round(s) each, "
+            "mirror and reference in turn"
+        )
+        runs: dict[tuple[str, str], list[tuple[WrkRun, int]]] = {}
+        for load in MIXED_LOADS:
+            requests = self.mixed_requests(load.accept)
+            for endpoint in self.caches():
+                with self.attempt("7", f"{endpoint.name} warm-up"):
+                    for path, headers in requests:
+                        for _ in range(2):  # the first may be a miss; the second is warm
+                            get_ok(endpoint.url + path, headers)
+            for round_number in range(plan.mix_rounds):
+                for endpoint in self.caches():
+                    with self.attempt("7", f"{endpoint.name} {load.key}"):
+                        if round_number == 0:  # connections open, pools warm; unmeasured
+                            run_wrk_mix(
+                                endpoint.url,
+                                requests,
+                                threads=plan.wrk_threads,
+                                connections=load.connections,
+                                seconds=1,
+                                workdir=self.work,
+                            )
+                        # a cache still answering the last run's abandoned requests (the
+                        # reference at 1,000 connections) would load this one
+                        for cache in self.caches():
+                            wait_quiet(self.server_pid(cache))
+                        mark = self.log.mark()
+                        with CpuMeter(self.server_pid(endpoint)) as cpu:
+                            run = run_wrk_mix(
+                                endpoint.url,
+                                requests,
+                                threads=plan.wrk_threads,
+                                connections=load.connections,
+                                seconds=plan.mix_seconds,
+                                workdir=self.work,
+                            )
+                        self.watch(cpu, f"step 7 {endpoint.name} {load.key}")
+                        entries = self.log.since(mark)
+                        # only this cache's requests count (the mirror names itself)
+                        upstream = sum(
+                            e.user_agent.startswith("mirror/") == (endpoint.name == "mirror")
+                            for e in entries
+                        )
+                        runs.setdefault((load.key, endpoint.name), []).append((run, upstream))
+                        self.details.setdefault("7", {}).setdefault(
+                            f"{endpoint.name} {load.key}", []
+                        ).append(
+                            {
+                                "wrk": dataclasses.asdict(run),
+                                "upstream_requests": upstream,
+                                "upstream_by_agent": dict(Counter(e.user_agent for e in entries)),
+                                "server": cpu.as_dict(),
+                            }
+                        )
+                        errors = sum(run.errors.values())
+                        self.say(
+                            f"  {load.key:15} {endpoint.name:9} {run.requests_per_second:7.0f} "
+                            f"req/s  p50 {run.p50_ms:7.1f}  p90 {run.p90_ms:7.1f}  p99 "
+                            f"{run.p99_ms:7.1f}  max {run.max_ms:7.0f} ms  errors {errors}  "
+                            f"upstream {upstream}  server CPU {cpu.seconds:.1f} s"
+                        )
+        for (key, name), measured in runs.items():
+            # the median run by requests/s stands for the load; every run is in the JSON
+            run, upstream = sorted(measured, key=lambda m: m[0].requests_per_second)[
+                len(measured) // 2
+            ]
+            self.set(f"{key}_rps", name, run.requests_per_second)
+            for figure in ("p50", "p90", "p99", "max"):
+                self.set(f"{key}_{figure}", name, getattr(run, f"{figure}_ms"))
+            self.set(f"{key}_errors", name, sum(sum(m[0].errors.values()) for m in measured))
+            self.set(f"{key}_upstream", name, sum(m[1] for m in measured))
+        if self.profile is not None:
+            self.profile_mixed()
+        base = self.figures["mix_100_full_p99"].mirror
+        if base is not None:
+            self.figures["mix_1000_full_p99"].targets = (Condition("<=", 10 * base),)
+
+    def profile_mixed(self) -> None:
+        """One more (unmeasured) run of each load on the mirror, sampled by py-spy."""
+        assert self.profile is not None
+        self.profile.mkdir(parents=True, exist_ok=True)
+        for load in MIXED_LOADS:
+            with self.attempt("7", f"mirror {load.key} profile"):
+                out = self.profile / f"{load.key}.txt"
+                with py_spy(self.mirror.pid, out):
+                    run_wrk_mix(
+                        self.mirror.url,
+                        self.mixed_requests(load.accept),
+                        threads=self.plan.wrk_threads,
+                        connections=load.connections,
+                        seconds=max(self.plan.mix_seconds, 10),
+                        workdir=self.work,
+                    )
+                samples, functions = summarize(out)
+                self.say(
+                    f"  profile of the mirror, {load.key} ({out}, {samples} samples): "
+                    "inclusive / self"
+                )
+                for name, inclusive, own in functions:
+                    self.say(f"    {inclusive:6.1%} {own:6.1%}  {name[:110]}")
+
     def check_idle(self, when: str) -> None:
         """Record (and warn about) CPU used by processes that are not the benchmark's."""
         os.sync()  # writeback of earlier steps is not another process's load
@@ -786,6 +967,7 @@ class Bench:
             ("3", self.step_concurrent),
             ("4", self.step_manifests),
             ("5", self.step_blobs),
+            ("7", self.step_mixed),
         ):
             wanted = (
                 number in self.steps
@@ -943,6 +1125,12 @@ def _parser() -> argparse.ArgumentParser:
         help="delay the link adds to each connection setup to the upstream (default: 0)",
     )
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="step 7: also sample the mirror with py-spy under each load, into DIR",
+    )
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -1002,6 +1190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=steps,
         rate=args.upstream_rate,
         latency_ms=args.upstream_latency_ms,
+        profile=args.profile,
     )
     interrupted = False
     logs: dict[str, Any] = {}

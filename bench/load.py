@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ __all__ = [
     "concurrent_pulls",
     "remove_pulls",
     "run_wrk",
+    "run_wrk_mix",
 ]
 
 PULL_TIMEOUT = 600.0
@@ -158,6 +159,7 @@ def remove_pulls(out_root: Path, count: int) -> None:
 _WRK_SCRIPT = """
 wrk.method = "GET"
 {headers}
+{requests}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -203,8 +205,63 @@ def run_wrk(
     header_lines = "\n".join(
         f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items()
     )
+    return _wrk(url, header_lines, threads, connections, seconds, workdir)
+
+
+# Each thread formats its requests once and goes round them from a random start, so the
+# connections do not ask for the same thing in step and the client spends little per request.
+_WRK_MIX = """
+local mix = {{
+{entries}
+}}
+local formatted = {{}}
+local position = 0
+init = function(args)
+  for _, entry in ipairs(mix) do
+    table.insert(formatted, wrk.format("GET", entry[1], entry[2]))
+  end
+  position = math.random(#formatted)
+end
+request = function()
+  position = position % #formatted + 1
+  return formatted[position]
+end
+"""
+
+
+def run_wrk_mix(
+    url: str,
+    requests: Sequence[tuple[str, Mapping[str, str]]],
+    *,
+    threads: int,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+) -> WrkRun:
+    """wrk going round a list of ``(path, headers)`` GETs on the server at ``url``, each
+    connection from its own thread's position; the summary as :func:`run_wrk` reads it."""
+    entries = ",\n".join(
+        f"  {{{_lua_string(path)}, {{"
+        + ", ".join(f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
+        + "}}"
+        for path, headers in requests
+    )
+    script = _WRK_MIX.format(entries=entries)
+    return _wrk(url, "", threads, connections, seconds, workdir, requests=script)
+
+
+def _wrk(
+    url: str,
+    header_lines: str,
+    threads: int,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    *,
+    requests: str = "",
+) -> WrkRun:
     script = workdir / "bench-wrk.lua"
-    script.write_text(_WRK_SCRIPT.format(headers=header_lines))
+    script.write_text(_WRK_SCRIPT.format(headers=header_lines, requests=requests))
     argv = [
         "wrk",
         f"-t{threads}",

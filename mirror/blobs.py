@@ -17,6 +17,9 @@ from .upstream import BlobResponse
 __all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
 
 _CACHED_READ_CHUNK = 2 * 1024 * 1024
+# Reads this small (configs, small layers, a blob's tail) cost less than the hop to a
+# thread and back; they are read on the event loop.
+_INLINE_READ = 64 * 1024
 
 
 class Blob:
@@ -37,6 +40,11 @@ class Blob:
         """The size, once it can be known (a fill of unannounced size must end first)."""
         return self.size
 
+    def small_body(self, start: int, end: int) -> bytes | None:
+        """Bytes start..end at once, when they are few and on disk (then the blob is
+        closed); None when they must be streamed with ``chunks``."""
+        return None
+
 
 class CachedBlob(Blob):
     def __init__(self, handle: BinaryIO) -> None:
@@ -49,9 +57,11 @@ class CachedBlob(Blob):
         assert stop is not None
         try:
             while position < stop:
-                data = await anyio.to_thread.run_sync(
-                    os.pread, fd, min(_CACHED_READ_CHUNK, stop - position), position
-                )
+                size = min(_CACHED_READ_CHUNK, stop - position)
+                if size <= _INLINE_READ:
+                    data = os.pread(fd, size, position)
+                else:
+                    data = await anyio.to_thread.run_sync(os.pread, fd, size, position)
                 if not data:
                     raise Unavailable("cached blob is shorter than its record")
                 position += len(data)
@@ -61,6 +71,17 @@ class CachedBlob(Blob):
 
     def close(self) -> None:
         self._handle.close()
+
+    def small_body(self, start: int, end: int) -> bytes | None:
+        if end - start > _INLINE_READ:
+            return None
+        try:
+            data = os.pread(self._handle.fileno(), end - start, start)
+        finally:
+            self.close()
+        if len(data) != end - start:
+            raise Unavailable("cached blob is shorter than its record")
+        return data
 
 
 BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]

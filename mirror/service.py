@@ -46,7 +46,7 @@ from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
 from .referrers import ReferrersAnswer, ReferrersCache
 from .singleflight import SingleFlight
-from .store import Store
+from .store import Store, TagRecord
 from .upstream import BlobResponse, FetchedManifest, Upstream
 
 __all__ = ["Manifest", "PullThroughCache"]
@@ -209,7 +209,7 @@ class PullThroughCache:
     async def _manifest_by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
-        record = self.store.memo_tag(upstream.name, repository, tag, accept) or await self._disk(
+        record = self._memo_tag(upstream, repository, tag, accept) or await self._disk(
             self.store.get_tag, upstream.name, repository, tag, accept
         )
         if record is None and accept != MANIFEST_TYPES:
@@ -266,6 +266,22 @@ class PullThroughCache:
             fetched.body, fetched.media_type, fetched.digest, "coalesced" if joined else "miss"
         )
 
+    def _memo_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        """The newest record in memory that answers this ``Accept``: its own, or what the
+        tag is for a client that accepts everything, when it is of an accepted type. Any
+        variant of ``Accept`` (one type, another order) is then a hit without the index."""
+        own = self.store.memo_tag(upstream.name, repository, tag, accept)
+        if accept == MANIFEST_TYPES:
+            return own
+        general = self.store.memo_tag(upstream.name, repository, tag, MANIFEST_TYPES)
+        if general is None or general.media_type not in accept:
+            return own
+        if own is None or general.checked_at > own.checked_at:
+            return general
+        return own
+
     async def _fetch_manifest(
         self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]
     ) -> tuple[FetchedManifest, bool]:
@@ -315,7 +331,7 @@ class PullThroughCache:
         return blob
 
     async def _get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
-        handle = await self._disk(self.store.open_blob, digest)
+        handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
             return CachedBlob(handle)
 
@@ -396,7 +412,7 @@ class PullThroughCache:
 
     async def head_blob(self, upstream: Upstream, repository: str, digest: Digest) -> int | None:
         """A blob's size, without downloading it."""
-        handle = await self._disk(self.store.open_blob, digest)
+        handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
             with handle:
                 return os.fstat(handle.fileno()).st_size

@@ -25,13 +25,15 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import diskcache
 
+from .accesstimes import AccessTimes
+from .blobpaths import BlobPaths
 from .locks import FileLock
 from .reference import Digest
 
@@ -54,6 +56,8 @@ _TAG_MEMO_SECONDS = 1.0
 # its unlink, leaves one. The index waits up to 60 s for a write lock; this is
 # far beyond the time from an adoption's rename to its commit.
 ORPHAN_GRACE_SECONDS = 600.0
+# Blob file paths kept in memory, per process (~250 bytes each).
+_BLOB_PATHS = 100_000
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,8 @@ class Store:
         self._index._sql("CREATE TABLE IF NOT EXISTS Pinned (key TEXT PRIMARY KEY)")
         self._purge_mark = directory / "purged"
         self._memo = _Memo(_MEMO_BYTES, self._purge_mark)
+        self._blob_paths = BlobPaths(_BLOB_PATHS, self._purge_mark)
+        self._access_times = AccessTimes(self._write_access_times)
         self._repositories = diskcache.Cache(
             str(directory / "repositories"), eviction_policy="none", timeout=60
         )
@@ -235,17 +241,40 @@ class Store:
         os.utime(self._purge_mark, ns=(stamp, stamp))
 
     def close(self) -> None:
+        self._access_times.close()
         self._index.close()
         self._repositories.close()
 
     # blobs
+
+    def memo_open_blob(self, digest: Digest) -> BinaryIO | None:
+        """An open handle on a cached blob whose file is known in memory, or None; marks
+        it recently used (written behind). No index read: fine on the event loop.
+
+        Eviction may unlink the file later, but an open handle keeps reading.
+        """
+        path = self._blob_paths.get(digest)
+        if path is None:
+            return None
+        try:
+            handle = open(path, "rb")  # the caller owns and closes it
+        except FileNotFoundError:  # evicted since: ask the index
+            self._blob_paths.forget(digest, path)
+            return None
+        self._access_times.touch(_blob_key(digest))
+        return handle
 
     def open_blob(self, digest: Digest) -> BinaryIO | None:
         """An open handle on a cached blob, or None; marks it recently used.
 
         Eviction may unlink the file later, but an open handle keeps reading.
         """
+        known = self.memo_open_blob(digest)
+        if known is not None:
+            return known
         handle: BinaryIO | None = self._index.get(_blob_key(digest), read=True)
+        if handle is not None:
+            self._blob_paths.put(digest, handle.name)
         return handle
 
     def has_blob(self, digest: Digest) -> bool:
@@ -257,7 +286,11 @@ class Store:
         Returns how many entries were evicted to make room.
         """
         self._index.set(_blob_key(digest), AdoptFile(temp, digest))
-        return self._index.cull_to_limit()
+        handle = self._index.get(_blob_key(digest), read=True)
+        if handle is not None:  # the file's name is the index's choice: remember it
+            handle.close()
+            self._blob_paths.put(digest, handle.name)
+        return self._cull()
 
     def temp_path(self, digest: Digest) -> Path:
         """Where a blob is filled; fixed, so other workers can follow the fill."""
@@ -269,8 +302,13 @@ class Store:
     # manifests
 
     def memo_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
-        """A manifest from memory only: no I/O, fine on the event loop."""
-        return self._memo.get(_manifest_key(digest))  # type: ignore[return-value]
+        """A manifest from memory only: no I/O, fine on the event loop; a hit counts as a
+        use for eviction (written behind)."""
+        key = _manifest_key(digest)
+        manifest = self._memo.get(key)
+        if manifest is not None:
+            self._access_times.touch(key)
+        return manifest  # type: ignore[return-value]
 
     def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         memo = self.memo_manifest(digest)
@@ -290,7 +328,25 @@ class Store:
         key = _manifest_key(digest)
         self._index.set(key, (media_type, body))
         self._memo.put(key, (media_type, body), len(body))
-        return self._index.cull_to_limit()
+        return self._cull()
+
+    # eviction
+
+    def _cull(self) -> int:
+        """Evict least recently used entries down to the cap, counting the uses served
+        from memory that are not written yet."""
+        self._access_times.flush()
+        return int(self._index.cull_to_limit())
+
+    def _write_access_times(self, times: Mapping[str, float]) -> None:
+        # The LRU order diskcache culls by is its access_time column; a later bump from
+        # another worker stays.
+        with self._index._transact(retry=True) as (sql, _):
+            for key, accessed in times.items():
+                sql(
+                    "UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1",
+                    (accessed, key),
+                )
 
     # tags
 

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import anyio
@@ -40,6 +41,7 @@ from .errors import (
 )
 from .manifest import OCI_INDEX, accepted_types
 from .metrics import CONTENT_TYPE
+from .numbers import bounded_int
 from .reference import Digest, parse_digest, requested_digest, requested_reference
 from .service import Manifest, PullThroughCache
 from .store import ORPHAN_GRACE_SECONDS
@@ -146,6 +148,21 @@ class _BlobStream(StreamingResponse):
     connection, so a client never takes a short body for a whole blob.
     """
 
+    def __init__(self, blob: Blob, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._blob = blob
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A client gone before the first byte leaves the generator unstarted, and
+            # an unstarted generator's cleanup never runs: close what the blob holds.
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
+            await self._blob.aclose()
+
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
@@ -183,13 +200,16 @@ def _byte_range(header: str | None, size: int | None) -> tuple[int, int] | None:
     match = _RANGE.fullmatch(header.strip())
     if not match or match.group(1) == match.group(2) == "":
         return None  # several ranges or nonsense: RFC 9110 lets us send it all
-    first, last = match.group(1), match.group(2)
-    if first == "":
-        start, end = max(size - int(last), 0), size
+    # Past the blob's end is past the end, however many digits it takes.
+    first = bounded_int(match.group(1), limit=size)
+    last = bounded_int(match.group(2), limit=size)
+    if first is None:
+        assert last is not None
+        start, end = max(size - last, 0), size
     else:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-        if last and int(last) < start:
+        start = first
+        end = min(last + 1, size) if last is not None else size
+        if last is not None and last < start:
             return None
     if start >= size or start >= end:
         raise RangeNotSatisfiable(
@@ -203,9 +223,10 @@ def _page_size(request: Request, default: int) -> int:
     raw = request.query_params.get("n")
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()):
+    n = bounded_int(raw, limit=_MAX_PAGE)
+    if n is None:
         raise PaginationInvalid(f"n must be a non-negative integer, got {raw[:20]!r}")
-    return _MAX_PAGE if len(raw) > 9 else min(int(raw), _MAX_PAGE)  # int() caps digits
+    return n
 
 
 def _next_link(request: Request, n: int, last: str) -> str:
@@ -409,7 +430,7 @@ def _blob_headers(digest: Digest, size: int | None) -> dict[str, str]:
 def _blob_response(found: Blob, digest: Digest, range_header: str | None) -> Response:
     try:
         span = _byte_range(range_header, found.size)
-    except RangeNotSatisfiable:
+    except BaseException:
         found.close()
         raise
     headers = _blob_headers(digest, found.size)
@@ -425,5 +446,5 @@ def _blob_response(found: Blob, digest: Digest, range_header: str | None) -> Res
         if body is not None:
             return Response(body, status_code=status, headers=headers)
     if span is None:
-        return _BlobStream(found.chunks(), headers=headers)
-    return _BlobStream(found.chunks(*span), status_code=status, headers=headers)
+        return _BlobStream(found, found.chunks(), headers=headers)
+    return _BlobStream(found, found.chunks(*span), status_code=status, headers=headers)

@@ -45,6 +45,10 @@ class Blob:
         closed); None when they must be streamed with ``chunks``."""
         return None
 
+    async def aclose(self) -> None:
+        """``close()``, for what only closes asynchronously (an upstream response)."""
+        self.close()
+
 
 class CachedBlob(Blob):
     def __init__(self, handle: BinaryIO) -> None:
@@ -169,3 +173,6 @@ class PassedThroughBlob(Blob):
 
     def close(self) -> None:
         pass  # nothing is opened before chunks() or open(); the stack closes itself
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
 from .metrics import Metrics
+from .numbers import bounded_int
 from .redirects import RedirectGuard
 from .reference import Digest, parse_digest
 
@@ -81,24 +83,44 @@ class RateLimit:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+    """Seconds the upstream asks us to wait (bounded); None when absent or unreadable."""
+    value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
+    seconds = bounded_int(value, limit=int(_MAX_RETRY_AFTER))
+    if seconds is not None:
+        return float(seconds)
     try:
-        return min(max(float(value), 0.0), _MAX_RETRY_AFTER)
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        if when is None:
-            return None
-        return min(max(when.timestamp() - time.time(), 0.0), _MAX_RETRY_AFTER)
+        when = email.utils.parsedate_to_datetime(value)
+        delay = when.timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # "soon", "nan" and friends: no advice
+    return min(max(delay, 0.0), _MAX_RETRY_AFTER) if math.isfinite(delay) else None
 
 
 def _rate_value(value: str | None) -> int | None:
     # Docker Hub sends "100;w=21600": the number before the window.
     if not value:
         return None
-    head = value.split(";", 1)[0].strip()
-    return int(head) if head.isdigit() else None
+    return bounded_int(value.split(";", 1)[0].strip(), limit=2**31)
+
+
+def _length(response: httpx.Response) -> int | None:
+    """The upstream's Content-Length, when it is a plain number of sane size."""
+    return bounded_int(response.headers.get("Content-Length"), limit=2**62)
+
+
+def _claimed_digest(response: httpx.Response, upstream: str) -> Digest | None:
+    """The upstream's Docker-Content-Digest; a malformed one is the upstream's fault."""
+    claimed = response.headers.get("Docker-Content-Digest")
+    if not claimed:
+        return None
+    try:
+        return parse_digest(claimed)
+    except OCIError as exc:
+        raise Unavailable(
+            f"upstream {upstream} sent a malformed Docker-Content-Digest {claimed[:80]!r}"
+        ) from exc
 
 
 class Upstream:
@@ -263,9 +285,10 @@ class Upstream:
         if status == 403:
             return Denied(f"{where}: access denied")
         if status == 429:
-            retry_after = response.headers.get("Retry-After")
+            retry_after = _retry_after(response)
             return TooManyRequests(
-                where, headers={"Retry-After": retry_after} if retry_after else {}
+                where,
+                headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else {},
             )
         return Unavailable(where)
 
@@ -297,8 +320,8 @@ class Upstream:
             headers={"Accept": ", ".join(accept)},
         )
         try:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+            declared = _length(response)
+            if declared is not None and declared > MAX_MANIFEST_BYTES:
                 raise ManifestInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
             body = bytearray()
             async for chunk in response.aiter_bytes():
@@ -313,11 +336,11 @@ class Upstream:
         self._count_bytes(len(data))
         media_type = manifest_media_type(response.headers.get("Content-Type"), data)
         # By digest, the bytes must hash to it; by tag, to what the upstream claims.
-        claimed = response.headers.get("Docker-Content-Digest")
+        claimed = _claimed_digest(response, self.name)
         if isinstance(reference, Digest):
             digest = reference
         else:
-            digest = parse_digest(claimed) if claimed else Digest.of(data)
+            digest = claimed or Digest.of(data)
         actual = Digest.of(data, digest.algorithm)
         if actual != digest:
             log.error(
@@ -342,12 +365,10 @@ class Upstream:
             headers={"Accept": ", ".join(accept)},
         )
         await response.aclose()
-        claimed = response.headers.get("Docker-Content-Digest")
-        length = response.headers.get("Content-Length")
         return ManifestHead(
-            digest=parse_digest(claimed) if claimed else None,
+            digest=_claimed_digest(response, self.name),
             media_type=response.headers.get("Content-Type"),
-            size=int(length) if length and length.isdigit() else None,
+            size=_length(response),
         )
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
@@ -355,8 +376,7 @@ class Upstream:
             "HEAD", self._path(repository, "blobs", str(digest)), unknown=BlobUnknown
         )
         await response.aclose()
-        length = response.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
+        return _length(response)
 
     @asynccontextmanager
     async def open_blob(
@@ -372,7 +392,7 @@ class Upstream:
         )
         # A Content-Length of an encoded body is not the blob's: decode, and say no size.
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-        length = None if encoded else response.headers.get("Content-Length")
+        length = None if encoded else _length(response)
         # An upstream that ignores Range sends it all: skip what the reader has.
         skip = start if start and response.status_code == 200 else 0
 
@@ -400,7 +420,7 @@ class Upstream:
                     f"upstream {self.name} broke off blob {digest}: {type(exc).__name__}"
                 ) from exc
 
-        size = int(length) - skip if length and length.isdigit() else None
+        size = length - skip if length is not None else None
         try:
             yield BlobResponse(size, chunks())
         finally:

@@ -20,6 +20,7 @@ LAYERS = [
         "logs",
         "metrics",
         "security.rules",
+        "numbers",
     },
     {
         "manifest",

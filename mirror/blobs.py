@@ -137,7 +137,7 @@ class FollowedBlob(Blob):
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._progress.close_reader(self._fd)
             self._fd = None
 
 

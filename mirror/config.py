@@ -58,6 +58,11 @@ class UpstreamSettings:
     # Token realms off the upstream's own host that may receive its credentials;
     # Docker Hub's is the default for registry-1.docker.io.
     auth_realms: tuple[str, ...] = ()
+    max_fills: int = 16  # blob downloads at once; more wait in line (each holds descriptors)
+    fill_queue: int = 1000  # requests waiting for a download slot before 429 TOOMANYREQUESTS
+    abandon_after: float = 10.0  # a fill nobody reads this long, under half done, is dropped
+    join_timeout: float = 2.0  # wait for another upstream's fill to start before our own route
+    revalidate_timeout: float = 2.0  # past it, a stale tag is served; revalidation goes on
 
     @property
     def official_prefix(self) -> bool:
@@ -70,6 +75,7 @@ class CacheSettings:
     directory: Path = Path("/var/cache/mirror")
     max_size: int = 50 * 1024**3  # bytes
     offline: bool = False  # never contact any upstream
+    max_blob_share: float = 0.25  # larger blobs (as a share of max_size) pass through uncached
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,9 @@ class ServerSettings:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
     metrics_address: str | None = None  # "host:port" to serve /metrics apart from the API
+    header_timeout: float = 30.0  # seconds a client has to send a request's headers
+    max_header_bytes: int = 64 * 1024  # request line and headers together
+    max_headers: int = 100  # header fields in one request
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,16 @@ def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -
     return number
 
 
+def _share(value: object, key: str) -> float:
+    try:
+        share = float(str(value)) if not isinstance(value, bool) else -1.0
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ConfigError(key, f"expected a fraction in (0, 1], got {value!r}")
+    return share
+
+
 def _str(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"expected a non-empty string, got {value!r}")
@@ -277,6 +296,20 @@ def _upstream(raw: Mapping[str, Any], key: str, environ: Mapping[str, str]) -> U
         ),
         tls_verify=tls_verify,
         auth_realms=_auth_realms(raw, key, url),
+        max_fills=_int(
+            raw.get("max_fills", defaults.max_fills), f"{key}.max_fills", minimum=1, maximum=4096
+        ),
+        fill_queue=_int(raw.get("fill_queue", defaults.fill_queue), f"{key}.fill_queue", minimum=0),
+        abandon_after=parse_duration(
+            raw.get("abandon_after", defaults.abandon_after), f"{key}.abandon_after"
+        ),
+        join_timeout=parse_duration(
+            raw.get("join_timeout", defaults.join_timeout), f"{key}.join_timeout"
+        ),
+        revalidate_timeout=parse_duration(
+            raw.get("revalidate_timeout", defaults.revalidate_timeout),
+            f"{key}.revalidate_timeout",
+        ),
     )
 
 
@@ -353,20 +386,43 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             raise ConfigError(
                 "server.metrics_address", f"expected host:port, got {metrics_address!r}"
             )
-    server = dataclasses.replace(server, log_format=log_format, metrics_address=metrics_address)
+    server = dataclasses.replace(
+        server,
+        log_format=log_format,
+        metrics_address=metrics_address,
+        header_timeout=parse_duration(
+            server_raw.get("header_timeout", ServerSettings.header_timeout),
+            "server.header_timeout",
+        ),
+        max_header_bytes=_int(
+            server_raw.get("max_header_bytes", ServerSettings.max_header_bytes),
+            "server.max_header_bytes",
+            minimum=1024,
+            maximum=16 * 1024 * 1024,
+        ),
+        max_headers=_int(
+            server_raw.get("max_headers", ServerSettings.max_headers),
+            "server.max_headers",
+            minimum=8,
+            maximum=10_000,
+        ),
+    )
     if server.log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(
             "server.log_level", "expected one of critical, error, warning, info, debug"
         )
 
     cache_raw = _table(data.get("cache", {}), "cache")
-    _check_keys(cache_raw, {"directory", "max_size", "offline"}, "cache.")
+    _check_keys(cache_raw, {"directory", "max_size", "offline", "max_blob_share"}, "cache.")
     cache = CacheSettings(
         directory=Path(
             _str(str(cache_raw.get("directory", CacheSettings.directory)), "cache.directory")
         ),
         max_size=parse_size(cache_raw.get("max_size", CacheSettings.max_size), "cache.max_size"),
         offline=_bool(cache_raw.get("offline", False), "cache.offline"),
+        max_blob_share=_share(
+            cache_raw.get("max_blob_share", CacheSettings.max_blob_share), "cache.max_blob_share"
+        ),
     )
 
     upstreams_raw = data.get("upstreams")

@@ -33,6 +33,7 @@ __all__ = [
     "DiskFull",
     "Fill",
     "Progress",
+    "TooLargeToCache",
     "report_disk_failure",
     "follow",
 ]
@@ -57,18 +58,42 @@ class Progress:
     async def wait(self) -> None:
         raise NotImplementedError
 
+    def close_reader(self, fd: int) -> None:
+        """A reader is done with its descriptor."""
+        os.close(fd)
+
 
 class DiskFull(Unavailable):
     """The cache's disk is full: readers take the rest of the blob from the upstream."""
 
 
+class TooLargeToCache(DiskFull):
+    """The blob is larger than the cache keeps: readers take it from the upstream."""
+
+
 class Fill(Progress):
     """A download this process runs, as the holder of the digest's lock."""
 
-    def __init__(self, digest: Digest, path: Path, lock: FileLock) -> None:
+    def __init__(
+        self,
+        digest: Digest,
+        path: Path,
+        lock: FileLock,
+        *,
+        max_size: int | None = None,
+        abandon_after: float | None = None,
+        route: str = "",
+    ) -> None:
         self.digest = digest
+        self.route = route  # the upstream it downloads from
         self.path = path
         self._lock = lock
+        self._max_size = max_size
+        # A fill nobody reads any more, not yet half done, is stopped after this long:
+        # it would hold a download slot and a connection for no one.
+        self._abandon_after = abandon_after
+        self._readers = 0
+        self._task: asyncio.Task[None] | None = None
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a leftover of a dead fill; its readers keep their own inode
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -88,8 +113,28 @@ class Fill(Progress):
         return self._error
 
     def open_reader(self) -> int:
-        """A descriptor on the fill's bytes for one reader, who closes it."""
-        return os.dup(self._read_fd)
+        """A descriptor on the fill's bytes for one reader, who gives it to ``close_reader``."""
+        fd = os.dup(self._read_fd)
+        self._readers += 1
+        return fd
+
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    def close_reader(self, fd: int) -> None:
+        os.close(fd)
+        self._readers -= 1
+        if self._readers == 0 and self._abandon_after is not None and self._task is not None:
+            self._task.get_loop().call_later(self._abandon_after, self._drop_if_abandoned)
+
+    def _drop_if_abandoned(self) -> None:
+        if self._readers or self._task is None or self._task.done() or self._done:
+            return
+        if self.size is not None and self._written * 2 >= self.size:
+            return  # more than half there: finishing costs less than fetching it again
+        log.info("dropping the fill of %s: no reader left", self.digest)
+        self._task.cancel()
 
     def readable(self) -> int:
         return self._readable
@@ -118,14 +163,17 @@ class Fill(Progress):
         adopt: Callable[[Path], Awaitable[None]],
     ) -> None:
         """Download, verify, adopt into the cache; every failure ends up in ``outcome``."""
+        self._task = asyncio.current_task()
         try:
             async with source() as response:
                 self.size = response.size
                 self._lock.write_note(str(response.size if response.size is not None else ""))
                 if response.size is not None:
+                    self._check_size(response.size)
                     _check_space(self.path.parent, response.size)
                 self.ready.set()
                 async for chunk in response.chunks:
+                    self._check_size(self._written + len(chunk))
                     # Hashing and writing release the GIL: keep them off the event loop.
                     await anyio.to_thread.run_sync(self._write, chunk)
                     self._readable = self._written  # one chunk behind until verified
@@ -167,6 +215,12 @@ class Fill(Progress):
             self._lock.release(remove=True)
             self.ready.set()
             self._notify()
+
+    def _check_size(self, size: int) -> None:
+        if self._max_size is not None and size > self._max_size:
+            raise TooLargeToCache(
+                f"blob {self.digest} is larger than the cache keeps ({self._max_size} bytes)"
+            )
 
     def _verify(self) -> None:
         if self.size is not None and self._written != self.size:
@@ -236,4 +290,4 @@ async def follow(
             if not progress.outcome():
                 await progress.wait()
     finally:
-        os.close(fd)
+        progress.close_reader(fd)

@@ -17,8 +17,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +40,7 @@ from .errors import (
 )
 from .fill import DiskFull, Fill, report_disk_failure
 from .foreign import FOREIGN_POLL_SECONDS, ForeignBlob
+from .gate import FillGate
 from .locks import FileLock, lock_is_held
 from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
@@ -56,6 +57,10 @@ log = logging.getLogger("mirror.service")
 T = TypeVar("T")
 # Failures after which the last known answer is served instead of an error.
 _STALE_ON = (Unavailable, TooManyRequests)
+
+
+class _SlowRoute(Exception):
+    """Another upstream's fill of the same digest has not started in time."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,12 @@ class PullThroughCache:
         self._now = now
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
+        self.gates = {
+            u.name: FillGate(u.name, u.settings.max_fills, u.settings.fill_queue) for u in upstreams
+        }
+        # Blobs larger than this pass through uncached: adopting one would evict
+        # much of the cache, or (past max_size) everything, itself included.
+        self.max_cached_blob: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
@@ -112,7 +123,9 @@ class PullThroughCache:
         store = Store(settings.cache.directory, settings.cache.max_size, **clock)
         metrics = Metrics(store.facts)
         upstreams = [Upstream(u, transport, metrics=metrics, **clock) for u in settings.upstreams]
-        return cls(store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock)
+        cache = cls(store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock)
+        cache.max_cached_blob = int(settings.cache.max_size * settings.cache.max_blob_share)
+        return cache
 
     async def drain(self) -> None:
         """Wait for fills under way to be cached (readers may finish before that)."""
@@ -330,32 +343,81 @@ class PullThroughCache:
         self.metrics.cache_results.labels("blob", blob.result).inc()
         return blob
 
-    async def _get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
+    async def _get_blob(
+        self, upstream: Upstream, repository: str, digest: Digest, *, retry: bool = True
+    ) -> Blob:
         handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
             return CachedBlob(handle)
+        gate = self.gates[upstream.name]
 
         def source(start: int) -> AbstractAsyncContextManager[BlobResponse]:
             return upstream.open_blob(repository, digest, start)
 
+        @asynccontextmanager
+        async def gated(start: int) -> AsyncIterator[BlobResponse]:
+            # A reader fetching for itself (full disk, too large, another route's
+            # fill) takes a download slot too: the slots bound connections and fds.
+            async with gate.slot(), source(start) as response:
+                yield response
+
+        async def again() -> Blob:
+            return await self._get_blob(upstream, repository, digest, retry=False)
+
+        own_route = again if retry else None
         fill = self._fills.get(digest)
         if fill is not None:
-            return await self._join(fill, "coalesced", source)
+            return await self._join(fill, "coalesced", gated, upstream, own_route)
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         self.before_upstream()
-        lock = FileLock(self.store.lock_path(digest))
-        if not lock.try_acquire():
+        await gate.acquire()  # before any descriptor is opened for this fill
+        fill = self._fills.get(digest)  # started while we waited in line
+        if fill is not None:
+            gate.release()
+            return await self._join(fill, "coalesced", gated, upstream, own_route)
+        try:
+            started = self._start_fill(upstream, digest, source, gate)
+        except BaseException:
+            gate.release()
+            raise
+        if isinstance(started, Fill):
+            return await self._join(started, "miss", gated, upstream, None)
+        gate.release()
+        if started == "cached":
+            return await self._get_blob(upstream, repository, digest, retry=retry)
+        if started == "foreign":
             return await self._follow_foreign(upstream, repository, digest)
+        return await PassedThroughBlob(gated).open()
+
+    def _start_fill(
+        self, upstream: Upstream, digest: Digest, source: BlobSource, gate: FillGate
+    ) -> Fill | str:
+        """Start filling ``digest`` with the slot taken from ``gate``, which the fill
+        releases; else "cached", "foreign" (another worker fills it) or "no-disk"."""
+        lock = FileLock(self.store.lock_path(digest))
+        try:
+            if not lock.try_acquire():
+                return "foreign"
+        except OSError as exc:  # out of descriptors or disk: serve, don't cache
+            report_disk_failure(exc, f"blob {digest}")
+            return "no-disk"
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
-            return await self._get_blob(upstream, repository, digest)
+            return "cached"
         try:
-            fill = Fill(digest, self.store.temp_path(digest), lock)
+            fill = Fill(
+                digest,
+                self.store.temp_path(digest),
+                lock,
+                max_size=self.max_cached_blob,
+                abandon_after=upstream.settings.abandon_after,
+                route=upstream.name,
+            )
         except OSError as exc:
             lock.release(remove=True)
             report_disk_failure(exc, f"blob {digest}")
-            return await PassedThroughBlob(source).open()
+            return "no-disk"
         self._fills[digest] = fill
 
         async def adopt(path: Path) -> None:
@@ -368,6 +430,7 @@ class PullThroughCache:
             finally:
                 self._fills.pop(digest, None)
                 self.metrics.fills_in_flight.dec()
+                gate.release()
             if isinstance(fill.error, DigestMismatch):
                 self.metrics.digest_mismatches.labels("blob").inc()
 
@@ -375,18 +438,42 @@ class PullThroughCache:
         task = asyncio.ensure_future(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return await self._join(fill, "miss", source)
+        return fill
 
-    async def _join(self, fill: Fill, result: str, source: BlobSource) -> Blob:
+    async def _join(
+        self,
+        fill: Fill,
+        result: str,
+        source: BlobSource,
+        upstream: Upstream,
+        own_route: Callable[[], Awaitable[Blob]] | None,
+    ) -> Blob:
         fd = fill.open_reader()  # before any await: the fill may end meanwhile
         try:
-            await fill.ready.wait()
+            if fill.route == upstream.name:
+                await fill.ready.wait()
+            else:
+                # Another upstream's fill: it may be stuck on a route that is not
+                # ours; wait a little for its first answer, then fetch our own way.
+                with anyio.move_on_after(upstream.settings.join_timeout):
+                    await fill.ready.wait()
+                if not fill.ready.is_set():
+                    raise _SlowRoute
             fill.outcome()  # raises if the fill failed before its first byte
-        except DiskFull:
-            os.close(fd)
+        except _SlowRoute:
+            fill.close_reader(fd)
+            log.info("fill of %s via %s is slow; passing through", fill.digest, fill.route)
             return await PassedThroughBlob(source).open()
+        except DiskFull:
+            fill.close_reader(fd)
+            return await PassedThroughBlob(source).open()
+        except _STALE_ON:
+            fill.close_reader(fd)
+            if own_route is None or fill.route == upstream.name:
+                raise
+            return await own_route()  # that route failed; ours may not
         except BaseException:
-            os.close(fd)
+            fill.close_reader(fd)
             raise
         return FollowedBlob(fill, fd, result, source)
 
@@ -417,7 +504,7 @@ class PullThroughCache:
             with handle:
                 return os.fstat(handle.fileno()).st_size
         fill = self._fills.get(digest)
-        if fill is not None:
+        if fill is not None and fill.route == upstream.name:
             await fill.ready.wait()
             fill.outcome()
             return fill.size

@@ -178,8 +178,22 @@ class Upstream:
             **common,  # type: ignore[arg-type]
         )
         self._client.event_hooks["request"].append(RedirectGuard(settings.url))
+        # Blob bodies get a pool of their own, sized to the downloads the service
+        # lets run at once: a slow or abandoned body never makes a manifest, a
+        # HEAD or a token wait for a connection.
+        blob_limits = httpx.Limits(
+            max_connections=settings.max_fills, max_keepalive_connections=settings.max_fills
+        )
+        self._blob_client = httpx.AsyncClient(
+            base_url=settings.url,
+            auth=auth,
+            follow_redirects=True,
+            **{**common, "limits": blob_limits},  # type: ignore[arg-type]
+        )
+        self._blob_client.event_hooks["request"].append(RedirectGuard(settings.url))
 
     async def aclose(self) -> None:
+        await self._blob_client.aclose()
         await self._client.aclose()
         await self._token_client.aclose()
 
@@ -194,23 +208,33 @@ class Upstream:
         unknown: type[OCIError],
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
         """Send with retries; return a streaming 2xx response (the caller closes it)."""
+        client = client or self._client
         if not self.breaker.allow():
             raise Unavailable(
                 f"upstream {self.name} is down (circuit open after repeated failures)"
             )
         attempt = 0
         while True:
-            request = self._client.build_request(method, path, headers=headers, params=params)
+            request = client.build_request(method, path, headers=headers, params=params)
             delay = _BACKOFF_SECONDS * 2**attempt
             try:
-                response = await self._client.send(request, stream=True)
+                response = await client.send(request, stream=True)
             except UpstreamRefused:
                 raise  # a configuration matter: the upstream is up
             except OCIError:
                 self._set_up(False)  # the token service failed
                 raise
+            except httpx.PoolTimeout as exc:
+                # Our own connections were all busy: says nothing of the upstream's health.
+                if self._metrics:
+                    self._metrics.upstream_requests.labels(self.name, method, "busy").inc()
+                raise Unavailable(
+                    f"upstream {self.name}: no free connection; retry shortly",
+                    headers={"Retry-After": "1"},
+                ) from exc
             except httpx.HTTPError as exc:
                 if self._metrics:
                     self._metrics.upstream_requests.labels(self.name, method, "error").inc()
@@ -389,6 +413,7 @@ class Upstream:
             self._path(repository, "blobs", str(digest)),
             unknown=BlobUnknown,
             headers=headers,
+            client=self._blob_client,
         )
         # A Content-Length of an encoded body is not the blob's: decode, and say no size.
         encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"

@@ -198,7 +198,8 @@ async def test_eviction_under_a_small_cap_keeps_the_most_recently_used(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
     settings = make_settings(tmp_path)
-    small = replace(settings, cache=replace(settings.cache, max_size=3 * 1024 * 1024 + 512 * 1024))
+    cache = replace(settings.cache, max_size=3 * 1024 * 1024 + 512 * 1024, max_blob_share=0.5)
+    small = replace(settings, cache=cache)
     blobs = [fake.add_blob(os.urandom(1024 * 1024)) for _ in range(4)]
     app = create_app(small, upstream_transport=httpx.MockTransport(fake))
     async with app_client(app) as client:
@@ -236,7 +237,9 @@ async def test_a_blob_evicted_while_it_is_read_is_still_read_whole(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
     settings = make_settings(tmp_path)
-    small = replace(settings, cache=replace(settings.cache, max_size=6 * 1024 * 1024))
+    small = replace(
+        settings, cache=replace(settings.cache, max_size=6 * 1024 * 1024, max_blob_share=1.0)
+    )
     first = os.urandom(4 * 1024 * 1024)
     digest = fake.add_blob(first)
     other = fake.add_blob(os.urandom(4 * 1024 * 1024))

@@ -21,6 +21,7 @@ LAYERS = [
         "metrics",
         "security.rules",
         "numbers",
+        "gate",
     },
     {
         "manifest",

@@ -166,7 +166,10 @@ async def test_evictions_and_digest_mismatches_are_counted(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
     settings = make_settings(tmp_path)
-    small = replace(settings, cache=replace(settings.cache, max_size=2 * 1024 * 1024 + 512 * 1024))
+    small = replace(
+        settings,
+        cache=replace(settings.cache, max_size=2 * 1024 * 1024 + 512 * 1024, max_blob_share=1.0),
+    )
     blobs = [fake.add_blob(os.urandom(1024 * 1024)) for _ in range(3)]
     bad = fake.add_blob(os.urandom(1000))
     fake.corrupt.add(bad)

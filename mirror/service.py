@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -90,6 +90,7 @@ class PullThroughCache:
         self.offline = offline
         self._now = now
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
+        self._revalidations: SingleFlight[Manifest] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
         self.gates = {
             u.name: FillGate(u.name, u.settings.max_fills, u.settings.fill_queue) for u in upstreams
@@ -137,6 +138,7 @@ class PullThroughCache:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._manifests.aclose()
+        await self._revalidations.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
@@ -252,18 +254,7 @@ class PullThroughCache:
         try:
             self.before_upstream()  # refused: like an upstream 429, stale if we have it
             if record is not None and cached is not None:
-                head = await upstream.head_manifest(repository, tag, accept)
-                if head.digest == record.digest:
-                    await self._disk(
-                        self.store.put_tag,
-                        upstream.name,
-                        repository,
-                        tag,
-                        accept,
-                        record.digest,
-                        cached[0],
-                    )
-                    return Manifest(cached[1], cached[0], record.digest, "revalidated")
+                return await self._revalidate(upstream, repository, tag, accept, record, cached)
             fetched, joined = await self._fetch_manifest(upstream, repository, tag, accept)
         except ManifestUnknown:
             await self._disk(self.store.put_missing, missing_key, upstream.settings.negative_ttl)
@@ -294,6 +285,48 @@ class PullThroughCache:
         if own is None or general.checked_at > own.checked_at:
             return general
         return own
+
+    async def _revalidate(
+        self,
+        upstream: Upstream,
+        repository: str,
+        tag: str,
+        accept: tuple[str, ...],
+        record: TagRecord,
+        cached: tuple[str, bytes],
+    ) -> Manifest:
+        """Ask the upstream whether an expired tag moved: once for all who ask at the
+        same time, and no longer than the upstream's ``revalidate_timeout``, past
+        which the stale answer is served while the revalidation goes on."""
+        media_type, body = cached
+
+        async def refresh() -> Manifest:
+            head = await upstream.head_manifest(repository, tag, accept)
+            if head.digest == record.digest:
+                await self._disk(
+                    self.store.put_tag,
+                    upstream.name,
+                    repository,
+                    tag,
+                    accept,
+                    record.digest,
+                    media_type,
+                )
+                return Manifest(body, media_type, record.digest, "revalidated")
+            fetched, _ = await self._fetch_manifest(upstream, repository, tag, accept)
+            return Manifest(fetched.body, fetched.media_type, fetched.digest, "miss")
+
+        key = (upstream.name, repository, tag, accept)
+        with anyio.move_on_after(upstream.settings.revalidate_timeout):
+            manifest, joined = await self._revalidations.do(key, refresh)
+            return replace(manifest, result="coalesced") if joined else manifest
+        log.warning(
+            "upstream %s is slow to revalidate %s:%s; serving it stale",
+            upstream.name,
+            repository,
+            tag,
+        )
+        return Manifest(body, media_type, record.digest, "stale")
 
     async def _fetch_manifest(
         self, upstream: Upstream, repository: str, reference: str | Digest, accept: tuple[str, ...]

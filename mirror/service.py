@@ -91,6 +91,7 @@ class PullThroughCache:
         self._now = now
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
+        self._tag_lists: SingleFlight[list[str]] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
         self.gates = {
             u.name: FillGate(u.name, u.settings.max_fills, u.settings.fill_queue) for u in upstreams
@@ -139,6 +140,7 @@ class PullThroughCache:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._manifests.aclose()
         await self._revalidations.aclose()
+        await self._tag_lists.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
@@ -552,8 +554,17 @@ class PullThroughCache:
         """The upstream's tag list; the last one fetched when it fails or we are offline."""
         if not self.offline:
             self.before_upstream()
-            try:
+
+            async def fetch() -> list[str]:
                 tags = sorted(await upstream.get_tags(repository))
+                self._evicted(
+                    await self._disk(self.store.put_tag_list, upstream.name, repository, tags)
+                )
+                return tags
+
+            try:
+                # One download of a (possibly large) list for everyone asking at once.
+                tags, _ = await self._tag_lists.do((upstream.name, repository), fetch)
             except _STALE_ON as exc:
                 log.warning(
                     "upstream %s failed (%s); serving the last tag list of %s",
@@ -562,7 +573,6 @@ class PullThroughCache:
                     repository,
                 )
             else:
-                await self._disk(self.store.put_tag_list, upstream.name, repository, tags)
                 return tags
         cached = await self._disk(self.store.get_tag_list, upstream.name, repository)
         if cached is None:

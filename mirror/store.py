@@ -401,8 +401,10 @@ class Store:
         value = self._index.get(f"tags:{upstream}/{repository}")
         return list(value) if value is not None else None
 
-    def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> None:
+    def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> int:
+        """Store a tag list; returns how many entries were evicted to stay under the cap."""
         self._index.set(f"tags:{upstream}/{repository}", tags)
+        return self._index.cull_to_limit()
 
     def get_referrers(
         self, upstream: str, repository: str, digest: Digest

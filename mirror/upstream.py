@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import math
 import ssl
@@ -48,6 +49,9 @@ _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _BACKOFF_SECONDS = 0.25  # first retry delay; doubles per attempt
 _MAX_RETRY_AFTER = 30.0  # never sleep longer than this on a Retry-After
 _BLOB_CHUNK = 1024 * 1024
+# A tag list is names of at most 128 bytes; Docker Hub's largest repositories
+# have some tens of thousands. Past this, the upstream is not sending a tag list.
+MAX_TAG_LIST_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -451,18 +455,36 @@ class Upstream:
         finally:
             await response.aclose()
 
+    async def _read_capped(self, response: httpx.Response, cap: int, what: str) -> bytes:
+        """The whole body, refused (Unavailable) once it passes ``cap`` bytes."""
+        declared = _length(response)
+        if declared is not None and declared > cap:
+            raise Unavailable(f"upstream {self.name} sent {what} larger than {cap} bytes")
+        body = bytearray()
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > cap:
+                    raise Unavailable(f"upstream {self.name} sent {what} larger than {cap} bytes")
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"upstream {self.name} broke off {what}") from exc
+        self._count_bytes(len(body))
+        return bytes(body)
+
     async def get_tags(self, repository: str) -> list[str]:
         """Every tag of a repository, following the upstream's own pagination."""
         tags: list[str] = []
+        budget = MAX_TAG_LIST_BYTES  # over all pages
         path: str | None = self._path(repository, "tags", "list")
         params: dict[str, str] | None = {"n": "1000"}
         for _ in range(100):  # a bound on pages, so a looping Link cannot hold us forever
             assert path is not None
             response = await self._send("GET", path, unknown=NameUnknown, params=params)
             try:
-                await response.aread()
-                document = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
+                body = await self._read_capped(response, budget, "a tag list")
+                budget -= len(body)
+                document = json.loads(body)
+            except ValueError as exc:
                 raise Unavailable(f"upstream {self.name} sent an unreadable tag list") from exc
             finally:
                 await response.aclose()

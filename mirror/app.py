@@ -141,6 +141,24 @@ class _QueryLimit:
         await self.app(scope, receive, send)
 
 
+class _HeaderCount:
+    """Refuses requests with more header fields than configured (431): their bytes
+    are bounded by the server, their number only here."""
+
+    def __init__(self, app: ASGIApp, max_headers: int) -> None:
+        self.app = app
+        self.max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
+            response = PlainTextResponse(
+                f"more than {self.max_headers} request header fields\n", status_code=431
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _BlobStream(StreamingResponse):
     """A streamed blob that is aborted, not ended cleanly, when its source fails.
 
@@ -400,6 +418,7 @@ def create_app(
     app.add_middleware(_QueryLimit)
     app.add_middleware(_RegistryHeaders)
     app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(_HeaderCount, max_headers=settings.server.max_headers)
     return app
 
 

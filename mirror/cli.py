@@ -52,8 +52,21 @@ def _settings(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(settings, server=server, cache=cache)
 
 
+def _raise_open_file_limit() -> None:
+    """Soft limit up to the hard one: each download, reader and client holds
+    descriptors, and distributions still start services at a soft 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from .server import uvicorn_options
 
     settings = _settings(args)
     try:
@@ -72,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.cache.offline:
         os.environ["MIRROR_CACHE_OFFLINE"] = "true"
     _prepare_multiprocess_metrics(settings)
+    _raise_open_file_limit()  # before the workers start: they inherit it
     uvicorn.run(
         "mirror.cli:app_from_environment",
         factory=True,
@@ -84,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=5,
+        **uvicorn_options(settings.server),
     )
     return 0
 

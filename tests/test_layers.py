@@ -37,7 +37,7 @@ LAYERS = [
     {"upstream", "fill", "blobs", "inventory", "integrity", "foreign"},
     {"referrers", "service"},
     {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
-    {"app"},
+    {"app", "server"},
     {"cli", "cli_admin", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.

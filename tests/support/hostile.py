@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import uvicorn
@@ -20,13 +21,15 @@ Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 class served:  # noqa: N801 - used like a function
     """An ASGI app on uvicorn at 127.0.0.1:<free port>, in the test's event loop."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], **options: Any
+    ) -> None:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", http="h11", interface="asgi3"
-        )
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        options = {"lifespan": "off", "http": "h11", "interface": "asgi3", **options}
+        config = uvicorn.Config(app, log_level="warning", **options)
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 

@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import stat
 import tarfile
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from typing import IO
 
 from .errors import ManifestInvalid, OCIError
 from .images import Descriptor, children, is_index, referenced_blobs
+from .locks import FileLock
 from .manifest import MANIFEST_TYPES, OCI_INDEX, manifest_media_type
 from .reference import Digest, ImageReference, parse_digest, parse_image_reference
 from .referrers import index_body, referrers_tag
@@ -30,6 +33,11 @@ __all__ = ["LayoutError", "Plan", "export_layout", "import_layout", "plan_export
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1024 * 1024
+_MAX_INDEX_BYTES = 4 * 1024 * 1024
+# Room left free on the cache's disk beyond the blob being imported.
+_DISK_RESERVE = 64 * 1024 * 1024
+# How long an import waits for a running mirror's fill of the same blob.
+_LOCK_WAIT_SECONDS = 600.0
 
 
 class LayoutError(Exception):
@@ -190,10 +198,14 @@ class _Source:
     def open(self, name: str) -> Iterator[IO[bytes]]:
         if self._dir is not None:
             try:
-                with (self._dir / name).open("rb") as file:
-                    yield file
+                file = (self._dir / name).open("rb")
             except FileNotFoundError:
                 raise LayoutError(f"the layout has no {name}") from None
+            with file:
+                # A device or FIFO (a symlink to /dev/zero) never ends: refuse it.
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    raise LayoutError(f"{name} in the layout is not a regular file")
+                yield file
             return
         assert self._tar is not None
         member = self._members.get(name)
@@ -232,25 +244,49 @@ class ImportSummary:
 
 
 def _copy_blob(cache: PullThroughCache, source: _Source, blob: Descriptor) -> int:
-    """Copy one blob into the cache, verified; returns the bytes added (0 if present)."""
+    """Copy one blob into the cache, verified; returns the bytes added (0 if present).
+
+    It holds the digest's lock, as a fill does, and writes where a fill would: a
+    running mirror then follows it instead of fetching, and leaves its file alone.
+    """
     store = cache.store
     if store.has_blob(blob.digest):
         return 0
-    temp = store.tmp_dir / f"import-{blob.digest.hex}.{os.urandom(4).hex()}"
-    hasher = blob.digest.hasher()
-    size = 0
+    lock = FileLock(store.lock_path(blob.digest))
+    deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+    while not lock.try_acquire():  # a running mirror is filling it
+        if time.monotonic() > deadline:
+            raise LayoutError(f"blob {blob.digest} is being filled by a running mirror; retry")
+        time.sleep(0.05)
+    temp = store.temp_path(blob.digest)
     try:
+        if store.has_blob(blob.digest):
+            return 0
+        lock.write_note(str(blob.size))
+        free = shutil.disk_usage(store.tmp_dir).free
+        if free < blob.size + _DISK_RESERVE:
+            raise LayoutError(
+                f"blob {blob.digest}: {blob.size} bytes do not fit ({free} bytes free)"
+            )
+        hasher = blob.digest.hasher()
+        size = 0
         with source.open(_blob_path(blob.digest)) as stream, temp.open("wb") as out:
-            while chunk := stream.read(_CHUNK):
+            # One byte past the declared size is enough to know it is wrong.
+            while chunk := stream.read(min(_CHUNK, blob.size + 1 - size)):
+                size += len(chunk)
+                if size > blob.size:
+                    raise LayoutError(
+                        f"blob {blob.digest} is larger than the {blob.size} bytes declared"
+                    )
                 hasher.update(chunk)
                 out.write(chunk)
-                size += len(chunk)
         if hasher.hexdigest() != blob.digest.hex or size != blob.size:
             raise LayoutError(f"blob {blob.digest}: its bytes do not match its digest")
         store.adopt_blob(temp, blob.digest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+        lock.release(remove=True)
     return size
 
 
@@ -274,8 +310,11 @@ def import_layout(
     source = _Source(path)
     try:
         with source.open("index.json") as stream:
+            raw = stream.read(_MAX_INDEX_BYTES + 1)
+            if len(raw) > _MAX_INDEX_BYTES:
+                raise LayoutError(f"index.json is larger than {_MAX_INDEX_BYTES} bytes")
             try:
-                index = json.load(stream)
+                index = json.loads(raw)
                 entries = index["manifests"]
                 assert isinstance(entries, list)
             except (ValueError, KeyError, TypeError, AssertionError) as exc:

@@ -93,6 +93,7 @@ class Fill(Progress):
         # it would hold a download slot and a connection for no one.
         self._abandon_after = abandon_after
         self._readers = 0
+        self._idle_times = 0  # how often the last reader left
         self._task: asyncio.Task[None] | None = None
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a leftover of a dead fill; its readers keep their own inode
@@ -126,9 +127,13 @@ class Fill(Progress):
         os.close(fd)
         self._readers -= 1
         if self._readers == 0 and self._abandon_after is not None and self._task is not None:
-            self._task.get_loop().call_later(self._abandon_after, self._drop_if_abandoned)
+            self._idle_times += 1
+            loop = self._task.get_loop()
+            loop.call_later(self._abandon_after, self._drop_if_abandoned, self._idle_times)
 
-    def _drop_if_abandoned(self) -> None:
+    def _drop_if_abandoned(self, idle_time: int) -> None:
+        if idle_time != self._idle_times:
+            return  # a reader came and went since: the later timer decides
         if self._readers or self._task is None or self._task.done() or self._done:
             return
         if self.size is not None and self._written * 2 >= self.size:

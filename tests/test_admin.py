@@ -142,7 +142,9 @@ async def test_a_pinned_image_survives_a_fill_that_evicts_everything_else(
     tmp_path: Path, fake: FakeRegistry, clock: Clock
 ) -> None:
     settings = make_settings(tmp_path)
-    small = replace(settings, cache=replace(settings.cache, max_size=3 * 1024 * 1024))
+    small = replace(
+        settings, cache=replace(settings.cache, max_size=3 * 1024 * 1024, max_blob_share=1.0)
+    )
     fake.add_image("library/keep", "1", [os.urandom(1024 * 1024)])
     for i in range(3):
         fake.add_image(f"library/other{i}", "1", [os.urandom(1024 * 1024)])

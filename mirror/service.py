@@ -40,6 +40,7 @@ from .errors import (
 )
 from .fill import DiskFull, Fill, report_disk_failure
 from .foreign import FOREIGN_POLL_SECONDS, ForeignBlob
+from .holdings import Holdings
 from .locks import FileLock, lock_is_held
 from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
@@ -86,6 +87,8 @@ class PullThroughCache:
         self._now = now
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
+        self._fill_for: dict[Digest, tuple[str, str]] = {}  # (upstream, repository)
+        self.holdings = Holdings(store, offline=offline)
         self._background: set[asyncio.Task[None]] = set()
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
@@ -124,6 +127,7 @@ class PullThroughCache:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._manifests.aclose()
+        await self.holdings.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
@@ -184,6 +188,7 @@ class PullThroughCache:
             manifest = await self._manifest_by_digest(upstream, repository, reference, accept)
         else:
             manifest = await self._manifest_by_tag(upstream, repository, reference, accept)
+        await self.holdings.note_manifest(upstream.name, repository, manifest.digest, manifest.body)
         self.metrics.cache_results.labels("manifest", manifest.result).inc()
         if manifest.media_type not in accept:
             raise ManifestUnknown(
@@ -199,6 +204,7 @@ class PullThroughCache:
             self.store.get_manifest, digest
         )
         if cached is not None:
+            await self.holdings.check(upstream, repository, digest, "manifest")
             return Manifest(cached[1], cached[0], digest, "hit")
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"manifest {digest}")
@@ -333,6 +339,11 @@ class PullThroughCache:
     async def _get_blob(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
+            try:
+                await self.holdings.check(upstream, repository, digest, "blob")
+            except BaseException:
+                handle.close()
+                raise
             return CachedBlob(handle)
 
         def source(start: int) -> AbstractAsyncContextManager[BlobResponse]:
@@ -340,12 +351,18 @@ class PullThroughCache:
 
         fill = self._fills.get(digest)
         if fill is not None:
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
+                return await self._get_blob(upstream, repository, digest)  # the fill moved on
             return await self._join(fill, "coalesced", source)
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         self.before_upstream()
         lock = FileLock(self.store.lock_path(digest))
         if not lock.try_acquire():
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
+                return await self._get_blob(upstream, repository, digest)
             return await self._follow_foreign(upstream, repository, digest)
         if self.store.has_blob(digest):  # filled and adopted while we looked
             lock.release()
@@ -357,8 +374,10 @@ class PullThroughCache:
             report_disk_failure(exc, f"blob {digest}")
             return await PassedThroughBlob(source).open()
         self._fills[digest] = fill
+        self._fill_for[digest] = (upstream.name, repository)
 
         async def adopt(path: Path) -> None:
+            await self.holdings.note(upstream.name, repository, digest)
             self._evicted(await self._disk(self.store.adopt_blob, path, digest))
 
         async def run() -> None:
@@ -367,6 +386,7 @@ class PullThroughCache:
                 await fill.run(lambda: source(0), adopt)
             finally:
                 self._fills.pop(digest, None)
+                self._fill_for.pop(digest, None)
                 self.metrics.fills_in_flight.dec()
             if isinstance(fill.error, DigestMismatch):
                 self.metrics.digest_mismatches.labels("blob").inc()
@@ -415,16 +435,28 @@ class PullThroughCache:
         handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
             with handle:
+                await self.holdings.check(upstream, repository, digest, "blob")
                 return os.fstat(handle.fileno()).st_size
         fill = self._fills.get(digest)
         if fill is not None:
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
             await fill.ready.wait()
             fill.outcome()
             return fill.size
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         self.before_upstream()
-        return await upstream.head_blob(repository, digest)
+        size = await upstream.head_blob(repository, digest)
+        await self.holdings.note(upstream.name, repository, digest)
+        return size
+
+    def _may_follow(self, upstream: Upstream, repository: str, digest: Digest) -> bool:
+        """May a request follow a fill under way, ours (for some repository) or
+        another worker's? Only one for this repository, or one it is known to hold."""
+        if self._fill_for.get(digest) == (upstream.name, repository):
+            return True
+        return self.holdings.known(upstream.name, repository, digest)
 
     # listings
 

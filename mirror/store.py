@@ -397,6 +397,18 @@ class Store:
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
         self._remember_tag(key, TagRecord(digest, media_type, checked_at))
 
+    def tag_targets(self) -> Iterator[tuple[str, str, Digest]]:
+        """(upstream, repository, digest) of every tag record, in no useful order."""
+        for key in self._index.iterkeys():
+            if not (isinstance(key, str) and key.startswith("tag:")):
+                continue
+            value = self._index.get(key)
+            if value is None:
+                continue  # culled meanwhile
+            name = key[len("tag:") :].partition("|")[0].rpartition(":")[0]
+            upstream, _, repository = name.partition("/")
+            yield upstream, repository, Digest(*value[0])
+
     def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
         value = self._index.get(f"tags:{upstream}/{repository}")
         return list(value) if value is not None else None

@@ -1,0 +1,251 @@
+"""Which repositories are known to hold which digests.
+
+Upstream, content is shared by digest but readable per repository: a registry
+serves a digest under a repository only when that repository holds it, and a
+private repository's content only to whom may read it. The cache is shared by
+every repository of every upstream, so before a cached digest is served under a
+repository, that repository must be known to hold it: seen in one of its
+manifests (a tag's target, an index's children, an image's config and layers)
+or confirmed by its upstream. Otherwise one pull of
+``private/app`` would hand its layers to anyone asking under any name.
+
+Records are keys of a diskcache of their own, never culled: a record dropped by
+the LRU while its blob stays would turn a hit into a refusal offline. A record
+costs about 200 bytes; records of evicted content stay true (the repository does
+hold the digest) and cost nothing but that room. An in-memory LRU in front
+answers the warm hot path without SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import diskcache
+
+from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError, Unauthorized
+from .manifest import MANIFEST_TYPES
+from .reference import Digest, parse_digest
+from .singleflight import SingleFlight
+from .store import Store
+from .upstream import Upstream
+
+__all__ = ["Holdings", "Kind", "references"]
+
+log = logging.getLogger("mirror.holdings")
+
+Kind = Literal["blob", "manifest"]
+_UNKNOWN: dict[Kind, type[BlobUnknown | ManifestUnknown]] = {
+    "blob": BlobUnknown,
+    "manifest": ManifestUnknown,
+}
+
+# Per process: about 250 bytes an entry, so some 16 MiB.
+_MEMORY_ENTRIES = 65_536
+# On disk, what a record says: the repository holds the digest; and, for a
+# manifest, that what it references is recorded too.
+_HELD: Literal[1] = 1
+_EXPANDED: Literal[2] = 2
+# Set once what a cache made before holdings were recorded showed was recorded.
+_BACKFILLED = "backfilled-from-tag-records"
+
+
+def references(body: bytes) -> list[Digest]:
+    """The digests a manifest says its repository holds: an index's children, an
+    image's config and layers. Tolerant: what cannot be read is skipped.
+
+    Not its ``subject``: a registry accepts a referrer whose subject it does not
+    hold, so a subject proves nothing about the repository.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors = [document.get("config")]
+    for field in ("layers", "manifests"):
+        listed = document.get(field)
+        if isinstance(listed, list):
+            descriptors.extend(listed)
+    digests = []
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                digests.append(parse_digest(descriptor["digest"]))
+            except OCIError:
+                continue
+    return digests
+
+
+def _key(upstream: str, repository: str, digest: Digest) -> str:
+    return f"{upstream}/{repository}@{digest}"
+
+
+class _Records:
+    """Records of (upstream, repository) → digests held, on disk and in memory.
+
+    ``known`` and ``expanded`` read memory only and are fine on the event loop;
+    the rest touch the disk and belong off it.
+    """
+
+    def __init__(self, directory: Path, memory_entries: int) -> None:
+        self._disk = diskcache.Cache(str(directory), eviction_policy="none", timeout=60)
+        self._memory: OrderedDict[str, bool] = OrderedDict()  # key → expanded
+        self._memory_entries = memory_entries
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._disk.close()
+
+    def _remember(self, key: str, expanded: bool) -> None:
+        with self._lock:
+            self._memory[key] = expanded or self._memory.get(key, False)
+            self._memory.move_to_end(key)
+            if len(self._memory) > self._memory_entries:
+                self._memory.popitem(last=False)
+
+    def known(self, upstream: str, repository: str, digest: Digest) -> bool:
+        key = _key(upstream, repository, digest)
+        with self._lock:
+            if key not in self._memory:
+                return False
+            self._memory.move_to_end(key)
+            return True
+
+    def expanded(self, upstream: str, repository: str, digest: Digest) -> bool:
+        with self._lock:
+            return self._memory.get(_key(upstream, repository, digest), False)
+
+    def holds(self, upstream: str, repository: str, digest: Digest) -> bool:
+        key = _key(upstream, repository, digest)
+        value = self._disk.get(key)
+        if value is None:
+            return False
+        self._remember(key, value == _EXPANDED)
+        return True
+
+    def record(self, upstream: str, repository: str, digest: Digest) -> None:
+        key = _key(upstream, repository, digest)
+        self._disk.add(key, _HELD)  # add: an expanded record stays expanded
+        self._remember(key, False)
+
+    def record_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+        key = _key(upstream, repository, digest)
+        if self._disk.get(key) != _EXPANDED:
+            self.write_manifest(upstream, repository, digest, body)
+        self._remember(key, True)
+
+    def write_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+        with self._disk.transact():
+            for reference in references(body):
+                self._disk.add(_key(upstream, repository, reference), _HELD)
+            self._disk.set(_key(upstream, repository, digest), _EXPANDED)
+
+    def backfill(self, store: Store) -> None:
+        if self._disk.get(_BACKFILLED):
+            return
+        for upstream, repository, top in store.tag_targets():
+            pending, seen = [top], set[Digest]()
+            while pending:
+                digest = pending.pop()
+                seen.add(digest)
+                cached = store.get_manifest(digest)
+                if cached is None:
+                    continue  # a blob, or a platform never pulled
+                self.write_manifest(upstream, repository, digest, cached[1])
+                pending.extend(d for d in references(cached[1]) if d not in seen)
+        self._disk.set(_BACKFILLED, True)
+
+
+class Holdings:
+    """Whether a cached digest may be served under a repository, and the records
+    that say so. The service asks ``check`` before serving a cached digest and
+    tells ``note``/``note_manifest`` what the upstream or a manifest showed."""
+
+    def __init__(
+        self, store: Store, *, offline: bool, memory_entries: int = _MEMORY_ENTRIES
+    ) -> None:
+        self._records = _Records(store.directory / "holdings", memory_entries)
+        self._offline = offline
+        self._confirmations: SingleFlight[None] = SingleFlight()
+        self._records.backfill(store)
+
+    async def aclose(self) -> None:
+        await self._confirmations.aclose()
+        self._records.close()
+
+    def known(self, upstream: str, repository: str, digest: Digest) -> bool:
+        """Known from memory to hold it (no I/O)."""
+        return self._records.known(upstream, repository, digest)
+
+    async def check(self, upstream: Upstream, repository: str, digest: Digest, kind: Kind) -> None:
+        """Return if the repository holds the digest; raise the client's answer if not.
+
+        Known (in memory, or on disk) passes. Otherwise the upstream is asked under
+        that repository with a HEAD, once for all concurrent askers; its refusal
+        (404, 401, 403) is the client's ``*_UNKNOWN``, as it would be without the
+        cache. When the upstream cannot answer (down, rate-limited) the error is
+        the client's too and nothing is served: a repository never seen to hold
+        the digest has no claim on it, and serving it there is the very leak this
+        prevents. Offline, not known is unknown.
+        """
+        name = upstream.name
+        if self._records.known(name, repository, digest):
+            return
+        if await anyio.to_thread.run_sync(self._records.holds, name, repository, digest):
+            return
+        unknown = _UNKNOWN[kind]
+        if self._offline:
+            raise unknown(f"{kind} {digest} is not known in {repository} and the mirror is offline")
+
+        async def confirm() -> None:
+            try:
+                if kind == "manifest":
+                    head = await upstream.head_manifest(repository, digest, MANIFEST_TYPES)
+                    if head.digest not in (None, digest):
+                        raise unknown(f"upstream {name} names another digest for {digest}")
+                else:
+                    await upstream.head_blob(repository, digest)
+            except (Unauthorized, Denied) as exc:
+                raise unknown(
+                    f"upstream {name} does not serve {kind} {digest} in {repository}"
+                ) from exc
+            except unknown:
+                log.info("refused %s %s in %s: not in %s upstream", kind, digest, repository, name)
+                raise
+            await self.note(name, repository, digest)
+
+        await self._confirmations.do((name, repository, digest), confirm)
+
+    async def note(self, upstream: str, repository: str, digest: Digest) -> None:
+        """The upstream served (or confirmed) the digest under the repository."""
+        if not self._records.known(upstream, repository, digest):
+            await self._write(self._records.record, upstream, repository, digest)
+
+    async def note_manifest(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> None:
+        """The repository holds this manifest, so it holds what the manifest references."""
+        if not self._records.expanded(upstream, repository, digest):
+            await self._write(self._records.record_manifest, upstream, repository, digest, body)
+
+    def note_manifest_now(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> None:
+        """``note_manifest`` for callers already off the event loop (``mirror import``)."""
+        self._records.record_manifest(upstream, repository, digest, body)
+
+    async def _write(self, function: Callable[..., None], *args: object) -> None:
+        # A record lost to a disk failure costs one confirmation later, not a refusal.
+        try:
+            await anyio.to_thread.run_sync(function, *args)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("could not record repository holdings: %s", exc)

@@ -55,11 +55,25 @@ _HELD: Literal[1] = 1
 _EXPANDED: Literal[2] = 2
 # Set once what a cache made before holdings were recorded showed was recorded.
 _BACKFILLED = "backfilled-from-tag-records"
+_BATCH = 512  # tag records backfilled per transaction
 
 
-def references(body: bytes) -> list[Digest]:
-    """The digests a manifest says its repository holds: an index's children, an
-    image's config and layers. Tolerant: what cannot be read is skipped.
+def _digests(descriptors: object) -> list[Digest]:
+    listed = descriptors if isinstance(descriptors, list) else [descriptors]
+    digests = []
+    for descriptor in listed:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                digests.append(parse_digest(descriptor["digest"]))
+            except OCIError:
+                continue
+    return digests
+
+
+def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
+    """The digests a manifest says its repository holds: an index's children
+    (manifests), and an image's config and layers (blobs). Tolerant: what cannot
+    be read is skipped.
 
     Not its ``subject``: a registry accepts a referrer whose subject it does not
     hold, so a subject proves nothing about the repository.
@@ -67,22 +81,11 @@ def references(body: bytes) -> list[Digest]:
     try:
         document = json.loads(body)
     except ValueError:
-        return []
+        return [], []
     if not isinstance(document, dict):
-        return []
-    descriptors = [document.get("config")]
-    for field in ("layers", "manifests"):
-        listed = document.get(field)
-        if isinstance(listed, list):
-            descriptors.extend(listed)
-    digests = []
-    for descriptor in descriptors:
-        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-            try:
-                digests.append(parse_digest(descriptor["digest"]))
-            except OCIError:
-                continue
-    return digests
+        return [], []
+    blobs = _digests(document.get("config")) + _digests(document.get("layers"))
+    return _digests(document.get("manifests")), blobs
 
 
 def _key(upstream: str, repository: str, digest: Digest) -> str:
@@ -144,25 +147,35 @@ class _Records:
         self._remember(key, True)
 
     def write_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+        manifests, blobs = references(body)
         with self._disk.transact():
-            for reference in references(body):
+            for reference in manifests + blobs:
                 self._disk.add(_key(upstream, repository, reference), _HELD)
             self._disk.set(_key(upstream, repository, digest), _EXPANDED)
 
     def backfill(self, store: Store) -> None:
         if self._disk.get(_BACKFILLED):
             return
-        for upstream, repository, top in store.tag_targets():
-            pending, seen = [top], set[Digest]()
-            while pending:
-                digest = pending.pop()
-                seen.add(digest)
-                cached = store.get_manifest(digest)
-                if cached is None:
-                    continue  # a blob, or a platform never pulled
-                self.write_manifest(upstream, repository, digest, cached[1])
-                pending.extend(d for d in references(cached[1]) if d not in seen)
+        targets = list(store.tag_targets())
+        for start in range(0, len(targets), _BATCH):
+            # One transaction on each side per batch: a commit per record would
+            # make the first start of a big cache take minutes.
+            with store.batch(), self._disk.transact():
+                for upstream, repository, top in targets[start : start + _BATCH]:
+                    self._backfill_one(store, upstream, repository, top)
         self._disk.set(_BACKFILLED, True)
+
+    def _backfill_one(self, store: Store, upstream: str, repository: str, top: Digest) -> None:
+        pending, seen = [top], {top}
+        while pending:
+            digest = pending.pop()
+            cached = store.get_manifest(digest)
+            if cached is None:
+                continue  # a platform never pulled
+            manifests, _ = references(cached[1])
+            self.write_manifest(upstream, repository, digest, cached[1])
+            pending.extend(d for d in manifests if d not in seen)
+            seen.update(manifests)
 
 
 class Holdings:

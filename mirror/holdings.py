@@ -184,10 +184,16 @@ class Holdings:
     tells ``note``/``note_manifest`` what the upstream or a manifest showed."""
 
     def __init__(
-        self, store: Store, *, offline: bool, memory_entries: int = _MEMORY_ENTRIES
+        self,
+        store: Store,
+        *,
+        offline: bool,
+        before_upstream: Callable[[], None] = lambda: None,
+        memory_entries: int = _MEMORY_ENTRIES,
     ) -> None:
         self._records = _Records(store.directory / "holdings", memory_entries)
         self._offline = offline
+        self._before_upstream = before_upstream  # the client's upstream budget; may refuse
         self._confirmations: SingleFlight[None] = SingleFlight()
         self._records.backfill(store)
 
@@ -218,6 +224,7 @@ class Holdings:
         unknown = _UNKNOWN[kind]
         if self._offline:
             raise unknown(f"{kind} {digest} is not known in {repository} and the mirror is offline")
+        self._before_upstream()
 
         async def confirm() -> None:
             try:

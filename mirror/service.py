@@ -88,7 +88,6 @@ class PullThroughCache:
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
         self._fill_for: dict[Digest, tuple[str, str]] = {}  # (upstream, repository)
-        self.holdings = Holdings(store, offline=offline)
         self._background: set[asyncio.Task[None]] = set()
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
@@ -100,6 +99,9 @@ class PullThroughCache:
             before_upstream=lambda: self.before_upstream(),
             offline=offline,
             now=now,
+        )
+        self.holdings = Holdings(
+            store, offline=offline, before_upstream=lambda: self.before_upstream()
         )
 
     @classmethod

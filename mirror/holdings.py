@@ -30,7 +30,7 @@ from typing import Literal
 import anyio
 import diskcache
 
-from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError, Unauthorized
+from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError
 from .manifest import MANIFEST_TYPES
 from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
@@ -143,15 +143,21 @@ class _Records:
     def record_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
         key = _key(upstream, repository, digest)
         if self._disk.get(key) != _EXPANDED:
-            self.write_manifest(upstream, repository, digest, body)
+            # What a client asks for next: keep it in memory too.
+            for reference in self.write_manifest(upstream, repository, digest, body):
+                self._remember(_key(upstream, repository, reference), False)
         self._remember(key, True)
 
-    def write_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+    def write_manifest(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> list[Digest]:
+        """Record the manifest and what it references; returns the latter."""
         manifests, blobs = references(body)
         with self._disk.transact():
             for reference in manifests + blobs:
                 self._disk.add(_key(upstream, repository, reference), _HELD)
             self._disk.set(_key(upstream, repository, digest), _EXPANDED)
+        return manifests + blobs
 
     def backfill(self, store: Store) -> None:
         if self._disk.get(_BACKFILLED):
@@ -210,8 +216,9 @@ class Holdings:
 
         Known (in memory, or on disk) passes. Otherwise the upstream is asked under
         that repository with a HEAD, once for all concurrent askers; its refusal
-        (404, 401, 403) is the client's ``*_UNKNOWN``, as it would be without the
-        cache. When the upstream cannot answer (down, rate-limited) the error is
+        (404, 403, Docker Hub's 401 ``insufficient_scope``) is the client's
+        ``*_UNKNOWN``, as it would be without the cache. When the upstream cannot
+        answer (down, rate-limited, the mirror's credentials refused) the error is
         the client's too and nothing is served: a repository never seen to hold
         the digest has no claim on it, and serving it there is the very leak this
         prevents. Offline, not known is unknown.
@@ -234,13 +241,13 @@ class Holdings:
                         raise unknown(f"upstream {name} names another digest for {digest}")
                 else:
                     await upstream.head_blob(repository, digest)
-            except (Unauthorized, Denied) as exc:
+            except (Denied, unknown) as exc:
+                log.info(
+                    "refused %s %s in %s: upstream %s: %s", kind, digest, repository, name, exc
+                )
                 raise unknown(
                     f"upstream {name} does not serve {kind} {digest} in {repository}"
                 ) from exc
-            except unknown:
-                log.info("refused %s %s in %s: not in %s upstream", kind, digest, repository, name)
-                raise
             await self.note(name, repository, digest)
 
         await self._confirmations.do((name, repository, digest), confirm)

@@ -222,8 +222,9 @@ class Counting(SingleFlight[None]):
         return await super().do(key, work)
 
 
+# 401: the mirror's own credentials refused, which is never the client's to answer.
 @pytest.mark.parametrize(
-    ("failure", "code"), [("down", "UNAVAILABLE"), (401, "BLOB_UNKNOWN"), (403, "BLOB_UNKNOWN")]
+    ("failure", "code"), [("down", "UNAVAILABLE"), (401, "UNAVAILABLE"), (403, "BLOB_UNKNOWN")]
 )
 async def test_a_confirmation_that_fails_refuses(
     client: httpx.AsyncClient, fake: FakeRegistry, failure: str | int, code: str
@@ -323,3 +324,27 @@ async def test_import_and_warm_record_what_they_write(
             response = await client.get(f"/v2/{name}/blobs/{imported_blobs[1]}")
             assert error_code(response) == "BLOB_UNKNOWN"
     assert fake.total == before
+
+
+async def test_docker_hubs_insufficient_scope_is_unknown(
+    tmp_path: Path, fake: FakeRegistry, other: FakeRegistry, clock: Clock
+) -> None:
+    challenge = 'Bearer realm="http://upstream.fake/token",service="fake"'
+
+    async def private_elsewhere(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/token":
+            return httpx.Response(200, json={"token": "t", "expires_in": 300})
+        if request.url.path.startswith("/v2/someone/"):  # private to us, or missing
+            if "Authorization" not in request.headers:
+                return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+            scope = f'{challenge},error="insufficient_scope"'
+            return httpx.Response(401, headers={"WWW-Authenticate": scope})
+        return await fake(request)
+
+    fake.add_image("private/app", "1", [b"secret layer"])
+    async with mirror(tmp_path, fake, other, clock, handler=private_elsewhere) as client:
+        digest, blobs = await pull(client, "private/app", "1")
+        response = await client.get(f"/v2/someone/else/blobs/{blobs[1]}")
+        assert error_code(response) == "BLOB_UNKNOWN"
+        response = await client.get(f"/v2/someone/else/manifests/{digest}", headers=ACCEPT)
+        assert error_code(response) == "MANIFEST_UNKNOWN"

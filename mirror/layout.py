@@ -370,6 +370,7 @@ def _import_image(
     store = cache.store
     for digest, (media_type, body) in manifests.items():
         store.put_manifest(digest, media_type, body)
+        cache.holdings.note_manifest_now(upstream.name, repository_name, digest, body)
     if reference.tag is not None and reference.digest is None:
         store.put_tag(
             upstream.name, repository_name, reference.tag, MANIFEST_TYPES, top_digest, top_type

@@ -41,6 +41,7 @@ from .errors import (
 from .fill import DiskFull, Fill, report_disk_failure
 from .foreign import FOREIGN_POLL_SECONDS, ForeignBlob
 from .gate import FillGate
+from .holdings import Holdings
 from .locks import FileLock, lock_is_held
 from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
@@ -99,6 +100,7 @@ class PullThroughCache:
         # Blobs larger than this pass through uncached: adopting one would evict
         # much of the cache, or (past max_size) everything, itself included.
         self.max_cached_blob: int | None = None
+        self._fill_for: dict[Digest, tuple[str, str]] = {}  # (upstream, repository)
         self._background: set[asyncio.Task[None]] = set()
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
@@ -110,6 +112,9 @@ class PullThroughCache:
             before_upstream=lambda: self.before_upstream(),
             offline=offline,
             now=now,
+        )
+        self.holdings = Holdings(
+            store, offline=offline, before_upstream=lambda: self.before_upstream()
         )
 
     @classmethod
@@ -141,6 +146,7 @@ class PullThroughCache:
         await self._manifests.aclose()
         await self._revalidations.aclose()
         await self._tag_lists.aclose()
+        await self.holdings.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
@@ -201,6 +207,7 @@ class PullThroughCache:
             manifest = await self._manifest_by_digest(upstream, repository, reference, accept)
         else:
             manifest = await self._manifest_by_tag(upstream, repository, reference, accept)
+        await self.holdings.note_manifest(upstream.name, repository, manifest.digest, manifest.body)
         self.metrics.cache_results.labels("manifest", manifest.result).inc()
         if manifest.media_type not in accept:
             raise ManifestUnknown(
@@ -216,6 +223,7 @@ class PullThroughCache:
             self.store.get_manifest, digest
         )
         if cached is not None:
+            await self.holdings.check(upstream, repository, digest, "manifest")
             return Manifest(cached[1], cached[0], digest, "hit")
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"manifest {digest}")
@@ -383,6 +391,11 @@ class PullThroughCache:
     ) -> Blob:
         handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
+            try:
+                await self.holdings.check(upstream, repository, digest, "blob")
+            except BaseException:
+                handle.close()
+                raise
             return CachedBlob(handle)
         gate = self.gates[upstream.name]
 
@@ -402,6 +415,9 @@ class PullThroughCache:
         own_route = again if retry else None
         fill = self._fills.get(digest)
         if fill is not None:
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
+                return await self._get_blob(upstream, repository, digest, retry=retry)
             return await self._join(fill, "coalesced", gated, upstream, own_route)
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
@@ -410,9 +426,9 @@ class PullThroughCache:
         fill = self._fills.get(digest)  # started while we waited in line
         if fill is not None:
             gate.release()
-            return await self._join(fill, "coalesced", gated, upstream, own_route)
+            return await self._get_blob(upstream, repository, digest, retry=retry)
         try:
-            started = self._start_fill(upstream, digest, source, gate)
+            started = self._start_fill(upstream, repository, digest, source, gate)
         except BaseException:
             gate.release()
             raise
@@ -422,11 +438,20 @@ class PullThroughCache:
         if started == "cached":
             return await self._get_blob(upstream, repository, digest, retry=retry)
         if started == "foreign":
+            # Another worker's fill is for some repository: follow it only under one
+            # known to hold the digest.
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
             return await self._follow_foreign(upstream, repository, digest)
         return await PassedThroughBlob(gated).open()
 
     def _start_fill(
-        self, upstream: Upstream, digest: Digest, source: BlobSource, gate: FillGate
+        self,
+        upstream: Upstream,
+        repository: str,
+        digest: Digest,
+        source: BlobSource,
+        gate: FillGate,
     ) -> Fill | str:
         """Start filling ``digest`` with the slot taken from ``gate``, which the fill
         releases; else "cached", "foreign" (another worker fills it) or "no-disk"."""
@@ -454,8 +479,10 @@ class PullThroughCache:
             report_disk_failure(exc, f"blob {digest}")
             return "no-disk"
         self._fills[digest] = fill
+        self._fill_for[digest] = (upstream.name, repository)
 
         async def adopt(path: Path) -> None:
+            await self.holdings.note(upstream.name, repository, digest)
             self._evicted(await self._disk(self.store.adopt_blob, path, digest))
 
         async def run() -> None:
@@ -464,6 +491,7 @@ class PullThroughCache:
                 await fill.run(lambda: source(0), adopt)
             finally:
                 self._fills.pop(digest, None)
+                self._fill_for.pop(digest, None)
                 self.metrics.fills_in_flight.dec()
                 gate.release()
             if isinstance(fill.error, DigestMismatch):
@@ -537,16 +565,28 @@ class PullThroughCache:
         handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
         if handle is not None:
             with handle:
+                await self.holdings.check(upstream, repository, digest, "blob")
                 return os.fstat(handle.fileno()).st_size
         fill = self._fills.get(digest)
         if fill is not None and fill.route == upstream.name:
+            if not self._may_follow(upstream, repository, digest):
+                await self.holdings.check(upstream, repository, digest, "blob")
             await fill.ready.wait()
             fill.outcome()
             return fill.size
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         self.before_upstream()
-        return await upstream.head_blob(repository, digest)
+        size = await upstream.head_blob(repository, digest)
+        await self.holdings.note(upstream.name, repository, digest)
+        return size
+
+    def _may_follow(self, upstream: Upstream, repository: str, digest: Digest) -> bool:
+        """May a request follow a fill under way, ours (for some repository) or
+        another worker's? Only one for this repository, or one it is known to hold."""
+        if self._fill_for.get(digest) == (upstream.name, repository):
+            return True
+        return self.holdings.known(upstream.name, repository, digest)
 
     # listings
 

@@ -58,6 +58,7 @@ _TAG_MEMO_SECONDS = 1.0
 ORPHAN_GRACE_SECONDS = 600.0
 # Blob file paths kept in memory, per process (~250 bytes each).
 _BLOB_PATHS = 100_000
+_BATCH = 512  # entries read in one transaction by scans
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,24 @@ class Store:
         checked_at = self._now()
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
         self._remember_tag(key, TagRecord(digest, media_type, checked_at))
+
+    def tag_targets(self) -> Iterator[tuple[str, str, Digest]]:
+        """(upstream, repository, digest) of every tag record, in no useful order."""
+        keys = [k for k in self._index.iterkeys() if isinstance(k, str) and k.startswith("tag:")]
+        for start in range(0, len(keys), _BATCH):
+            with self.batch():
+                values = [(key, self._index.get(key)) for key in keys[start : start + _BATCH]]
+            for key, value in values:
+                if value is None:
+                    continue  # culled meanwhile
+                name = key[len("tag:") :].partition("|")[0].rpartition(":")[0]
+                upstream, _, repository = name.partition("/")
+                yield upstream, repository, Digest(*value[0])
+
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """Many calls in one SQLite transaction: a read of a hit is a write (its LRU
+        access time), and one commit for a thousand of them costs far less."""
+        return self._index.transact()  # type: ignore[no-any-return]
 
     def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
         value = self._index.get(f"tags:{upstream}/{repository}")

@@ -44,6 +44,10 @@ class FakeRegistry:
     expires_in: int = 300
     headers: dict[str, str] = field(default_factory=dict)  # added to manifest answers
     referrers: list[dict[str, object]] = field(default_factory=list)  # descriptors
+    # Which repository holds which digests; with ``strict``, content by digest is
+    # served only under a repository holding it, as real registries do.
+    held: dict[str, set[str]] = field(default_factory=dict)
+    strict: bool = False
 
     # content
 
@@ -55,6 +59,7 @@ class FakeRegistry:
     def add_manifest(self, repository: str, tag: str | None, media_type: str, body: bytes) -> str:
         digest = digest_of(body)
         self.manifests[digest] = (media_type, body)
+        self.hold(repository, digest)
         if tag is not None:
             self.tags[(repository, tag)] = digest
         return digest
@@ -63,16 +68,21 @@ class FakeRegistry:
         self, repository: str, tag: str | None, layers: list[bytes], media_type: str = OCI_MANIFEST
     ) -> tuple[str, bytes]:
         config = json.dumps({"architecture": "amd64", "os": "linux", "n": len(layers)}).encode()
+        blobs = [
+            self._descriptor(config, "application/vnd.oci.image.config.v1+json"),
+            *(
+                self._descriptor(layer, "application/vnd.oci.image.layer.v1.tar+gzip")
+                for layer in layers
+            ),
+        ]
         document = {
             "schemaVersion": 2,
             "mediaType": media_type,
-            "config": self._descriptor(config, "application/vnd.oci.image.config.v1+json"),
-            "layers": [
-                self._descriptor(layer, "application/vnd.oci.image.layer.v1.tar+gzip")
-                for layer in layers
-            ],
+            "config": blobs[0],
+            "layers": blobs[1:],
         }
         body = json.dumps(document, indent=3).encode()
+        self.hold(repository, *(str(blob["digest"]) for blob in blobs))
         return self.add_manifest(repository, tag, media_type, body), body
 
     def add_index(self, repository: str, tag: str, manifests: list[str]) -> str:
@@ -85,6 +95,9 @@ class FakeRegistry:
             ],
         }
         return self.add_manifest(repository, tag, OCI_INDEX, json.dumps(document).encode())
+
+    def hold(self, repository: str, *digests: str) -> None:
+        self.held.setdefault(repository, set()).update(digests)
 
     def _descriptor(self, data: bytes, media_type: str) -> dict[str, object]:
         return {"mediaType": media_type, "digest": self.add_blob(data), "size": len(data)}
@@ -116,6 +129,10 @@ class FakeRegistry:
         name, _, rest = path[len("/v2/") :].rpartition(f"/{kind}s/" if kind != "tags" else "/tags/")
         if path == "/v2/":
             return httpx.Response(200, json={})
+        if self.strict and kind in ("manifest", "blob") and ":" in rest:
+            if rest not in self.held.get(name, set()):
+                code = "MANIFEST_UNKNOWN" if kind == "manifest" else "BLOB_UNKNOWN"
+                return httpx.Response(404, json={"errors": [{"code": code}]})
         if kind == "manifest":
             return self._manifest(request, name, rest)
         if kind == "blob":

@@ -60,6 +60,9 @@ class OtherWorker:
 
 @pytest.fixture
 async def server(settings: Settings, fake: FakeRegistry) -> AsyncIterator[live_server]:
+    # The other worker fills it for library/x, which holds it upstream: its followers
+    # there are confirmed with a HEAD (mirror/holdings.py) before they follow.
+    fake.add_blob(DATA)
     app = create_app(settings, upstream_transport=httpx.MockTransport(fake))
     async with live_server(app) as live:
         yield live

@@ -15,14 +15,11 @@ from mirror.app import create_app
 from mirror.server import uvicorn_options
 from tests.conftest import make_settings
 from tests.fakes import FakeRegistry
+from tests.support.descriptors import open_descriptors
 from tests.support.hostile import HandlerServer, served
 from tests.support.mirror import MirrorProcess
 
 pytestmark = pytest.mark.anyio
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_half_sent_heads_are_closed_and_others_are_served(tmp_path: Path) -> None:

@@ -17,13 +17,10 @@ from mirror.config import parse
 from mirror.service import PullThroughCache
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
+from tests.support.descriptors import open_descriptors
 from tests.support.hostile import HandlerServer, SilentServer
 
 pytestmark = pytest.mark.anyio
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class StalledBlobs:
@@ -153,8 +150,10 @@ async def test_a_joiner_whose_fill_failed_upstream_retries_through_its_own_route
             assert response.status_code == 200
             assert response.content == data
             await fills_settled(client)
-            again = await client.get(f"/v2/bad.example/library/a/blobs/{digest}")
+            gets = fake.count("GET", "blob")
+            again = await client.get(f"/v2/library/a/blobs/{digest}")
             assert again.content == data  # cached through the healthy route
+            assert fake.count("GET", "blob") == gets
 
 
 async def test_misses_past_the_download_slots_wait_then_get_429(

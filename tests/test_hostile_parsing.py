@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mirror.config import Settings
 from mirror.manifest import OCI_MANIFEST
 from tests.conftest import Clock, app_client, fills_settled, make_settings
 from tests.fakes import FakeRegistry
+from tests.support.descriptors import blob_descriptors
 
 pytestmark = pytest.mark.anyio
 
@@ -25,15 +25,6 @@ SQUARED = "²".encode("latin-1")  # a digit to str.isdigit(), not to int()
 def raw(headers: dict[str, str | bytes]) -> list[tuple[bytes, bytes]]:
     """Headers as bytes: httpx refuses to encode a non-ASCII str."""
     return [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
-
-
-def blob_descriptors() -> int:
-    """Descriptors on blob or fill files (SQLite's grow with the worker threads)."""
-    targets = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return sum("/cache/blobs/" in t or "/cache/tmp/" in t for t in targets)
 
 
 async def test_huge_range_on_a_filling_blob_is_no_500_and_leaks_nothing(

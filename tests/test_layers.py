@@ -34,7 +34,7 @@ LAYERS = [
         "security.tokens",
         "security.limits",
     },
-    {"upstream", "fill", "blobs", "inventory", "integrity", "foreign"},
+    {"upstream", "fill", "blobs", "inventory", "integrity", "foreign", "holdings"},
     {"referrers", "service"},
     {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
     {"app", "server"},

@@ -1,0 +1,278 @@
+"""Which repositories are known to hold which digests.
+
+Upstream, content is shared by digest but readable per repository: a registry
+serves a digest under a repository only when that repository holds it, and a
+private repository's content only to whom may read it. The cache is shared by
+every repository of every upstream, so before a cached digest is served under a
+repository, that repository must be known to hold it: seen in one of its
+manifests (a tag's target, an index's children, an image's config and layers)
+or confirmed by its upstream. Otherwise one pull of
+``private/app`` would hand its layers to anyone asking under any name.
+
+Records are keys of a diskcache of their own, never culled: a record dropped by
+the LRU while its blob stays would turn a hit into a refusal offline. A record
+costs about 200 bytes; records of evicted content stay true (the repository does
+hold the digest) and cost nothing but that room. An in-memory LRU in front
+answers the warm hot path without SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import diskcache
+
+from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError
+from .manifest import MANIFEST_TYPES
+from .reference import Digest, parse_digest
+from .singleflight import SingleFlight
+from .store import Store
+from .upstream import Upstream
+
+__all__ = ["Holdings", "Kind", "references"]
+
+log = logging.getLogger("mirror.holdings")
+
+Kind = Literal["blob", "manifest"]
+_UNKNOWN: dict[Kind, type[BlobUnknown | ManifestUnknown]] = {
+    "blob": BlobUnknown,
+    "manifest": ManifestUnknown,
+}
+
+# Per process: about 250 bytes an entry, so some 16 MiB.
+_MEMORY_ENTRIES = 65_536
+# On disk, what a record says: the repository holds the digest; and, for a
+# manifest, that what it references is recorded too.
+_HELD: Literal[1] = 1
+_EXPANDED: Literal[2] = 2
+# Set once what a cache made before holdings were recorded showed was recorded.
+_BACKFILLED = "backfilled-from-tag-records"
+_BATCH = 512  # tag records backfilled per transaction
+
+
+def _digests(descriptors: object) -> list[Digest]:
+    listed = descriptors if isinstance(descriptors, list) else [descriptors]
+    digests = []
+    for descriptor in listed:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            try:
+                digests.append(parse_digest(descriptor["digest"]))
+            except OCIError:
+                continue
+    return digests
+
+
+def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
+    """The digests a manifest says its repository holds: an index's children
+    (manifests), and an image's config and layers (blobs). Tolerant: what cannot
+    be read is skipped.
+
+    Not its ``subject``: a registry accepts a referrer whose subject it does not
+    hold, so a subject proves nothing about the repository.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return [], []
+    if not isinstance(document, dict):
+        return [], []
+    blobs = _digests(document.get("config")) + _digests(document.get("layers"))
+    return _digests(document.get("manifests")), blobs
+
+
+def _key(upstream: str, repository: str, digest: Digest) -> str:
+    return f"{upstream}/{repository}@{digest}"
+
+
+class _Records:
+    """Records of (upstream, repository) → digests held, on disk and in memory.
+
+    ``known`` and ``expanded`` read memory only and are fine on the event loop;
+    the rest touch the disk and belong off it.
+    """
+
+    def __init__(self, directory: Path, memory_entries: int) -> None:
+        self._disk = diskcache.Cache(str(directory), eviction_policy="none", timeout=60)
+        self._memory: OrderedDict[str, bool] = OrderedDict()  # key → expanded
+        self._memory_entries = memory_entries
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._disk.close()
+
+    def _remember(self, key: str, expanded: bool) -> None:
+        with self._lock:
+            self._memory[key] = expanded or self._memory.get(key, False)
+            self._memory.move_to_end(key)
+            if len(self._memory) > self._memory_entries:
+                self._memory.popitem(last=False)
+
+    def known(self, upstream: str, repository: str, digest: Digest) -> bool:
+        key = _key(upstream, repository, digest)
+        with self._lock:
+            if key not in self._memory:
+                return False
+            self._memory.move_to_end(key)
+            return True
+
+    def expanded(self, upstream: str, repository: str, digest: Digest) -> bool:
+        with self._lock:
+            return self._memory.get(_key(upstream, repository, digest), False)
+
+    def holds(self, upstream: str, repository: str, digest: Digest) -> bool:
+        key = _key(upstream, repository, digest)
+        value = self._disk.get(key)
+        if value is None:
+            return False
+        self._remember(key, value == _EXPANDED)
+        return True
+
+    def record(self, upstream: str, repository: str, digest: Digest) -> None:
+        key = _key(upstream, repository, digest)
+        self._disk.add(key, _HELD)  # add: an expanded record stays expanded
+        self._remember(key, False)
+
+    def record_manifest(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
+        key = _key(upstream, repository, digest)
+        if self._disk.get(key) != _EXPANDED:
+            # What a client asks for next: keep it in memory too.
+            for reference in self.write_manifest(upstream, repository, digest, body):
+                self._remember(_key(upstream, repository, reference), False)
+        self._remember(key, True)
+
+    def write_manifest(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> list[Digest]:
+        """Record the manifest and what it references; returns the latter."""
+        manifests, blobs = references(body)
+        with self._disk.transact():
+            for reference in manifests + blobs:
+                self._disk.add(_key(upstream, repository, reference), _HELD)
+            self._disk.set(_key(upstream, repository, digest), _EXPANDED)
+        return manifests + blobs
+
+    def backfill(self, store: Store) -> None:
+        if self._disk.get(_BACKFILLED):
+            return
+        targets = list(store.tag_targets())
+        for start in range(0, len(targets), _BATCH):
+            # One transaction on each side per batch: a commit per record would
+            # make the first start of a big cache take minutes.
+            with store.batch(), self._disk.transact():
+                for upstream, repository, top in targets[start : start + _BATCH]:
+                    self._backfill_one(store, upstream, repository, top)
+        self._disk.set(_BACKFILLED, True)
+
+    def _backfill_one(self, store: Store, upstream: str, repository: str, top: Digest) -> None:
+        pending, seen = [top], {top}
+        while pending:
+            digest = pending.pop()
+            cached = store.get_manifest(digest)
+            if cached is None:
+                continue  # a platform never pulled
+            manifests, _ = references(cached[1])
+            self.write_manifest(upstream, repository, digest, cached[1])
+            pending.extend(d for d in manifests if d not in seen)
+            seen.update(manifests)
+
+
+class Holdings:
+    """Whether a cached digest may be served under a repository, and the records
+    that say so. The service asks ``check`` before serving a cached digest and
+    tells ``note``/``note_manifest`` what the upstream or a manifest showed."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        offline: bool,
+        before_upstream: Callable[[], None] = lambda: None,
+        memory_entries: int = _MEMORY_ENTRIES,
+    ) -> None:
+        self._records = _Records(store.directory / "holdings", memory_entries)
+        self._offline = offline
+        self._before_upstream = before_upstream  # the client's upstream budget; may refuse
+        self._confirmations: SingleFlight[None] = SingleFlight()
+        self._records.backfill(store)
+
+    async def aclose(self) -> None:
+        await self._confirmations.aclose()
+        self._records.close()
+
+    def known(self, upstream: str, repository: str, digest: Digest) -> bool:
+        """Known from memory to hold it (no I/O)."""
+        return self._records.known(upstream, repository, digest)
+
+    async def check(self, upstream: Upstream, repository: str, digest: Digest, kind: Kind) -> None:
+        """Return if the repository holds the digest; raise the client's answer if not.
+
+        Known (in memory, or on disk) passes. Otherwise the upstream is asked under
+        that repository with a HEAD, once for all concurrent askers; its refusal
+        (404, 403, Docker Hub's 401 ``insufficient_scope``) is the client's
+        ``*_UNKNOWN``, as it would be without the cache. When the upstream cannot
+        answer (down, rate-limited, the mirror's credentials refused) the error is
+        the client's too and nothing is served: a repository never seen to hold
+        the digest has no claim on it, and serving it there is the very leak this
+        prevents. Offline, not known is unknown.
+        """
+        name = upstream.name
+        if self._records.known(name, repository, digest):
+            return
+        if await anyio.to_thread.run_sync(self._records.holds, name, repository, digest):
+            return
+        unknown = _UNKNOWN[kind]
+        if self._offline:
+            raise unknown(f"{kind} {digest} is not known in {repository} and the mirror is offline")
+        self._before_upstream()
+
+        async def confirm() -> None:
+            try:
+                if kind == "manifest":
+                    head = await upstream.head_manifest(repository, digest, MANIFEST_TYPES)
+                    if head.digest not in (None, digest):
+                        raise unknown(f"upstream {name} names another digest for {digest}")
+                else:
+                    await upstream.head_blob(repository, digest)
+            except (Denied, unknown) as exc:
+                log.info(
+                    "refused %s %s in %s: upstream %s: %s", kind, digest, repository, name, exc
+                )
+                raise unknown(
+                    f"upstream {name} does not serve {kind} {digest} in {repository}"
+                ) from exc
+            await self.note(name, repository, digest)
+
+        await self._confirmations.do((name, repository, digest), confirm)
+
+    async def note(self, upstream: str, repository: str, digest: Digest) -> None:
+        """The upstream served (or confirmed) the digest under the repository."""
+        if not self._records.known(upstream, repository, digest):
+            await self._write(self._records.record, upstream, repository, digest)
+
+    async def note_manifest(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> None:
+        """The repository holds this manifest, so it holds what the manifest references."""
+        if not self._records.expanded(upstream, repository, digest):
+            await self._write(self._records.record_manifest, upstream, repository, digest, body)
+
+    def note_manifest_now(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> None:
+        """``note_manifest`` for callers already off the event loop (``mirror import``)."""
+        self._records.record_manifest(upstream, repository, digest, body)
+
+    async def _write(self, function: Callable[..., None], *args: object) -> None:
+        # A record lost to a disk failure costs one confirmation later, not a refusal.
+        try:
+            await anyio.to_thread.run_sync(function, *args)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("could not record repository holdings: %s", exc)

@@ -1,0 +1,212 @@
+"""End to end over HTTPS: real clients pull through ``mirror serve`` with TLS on, trusting a
+private CA the way ``docs/clients.md`` says (the ``… https`` snippets, read from the page).
+
+The mirror listens on an address outside 127.0.0.0/8 (Docker trusts anything on loopback
+without verifying it), and nothing anywhere says ``insecure`` or ``tls-verify=false``. Each
+client pulls once; the mirror's access log, which only HTTPS can reach, must show the pull,
+and the upstream must have seen no client but the mirror.
+
+Credentials: each pull goes through a helper that takes the client's :class:`Credentials`
+(``docker login``, ``ctr --user``, ``podman --creds``, ``skopeo --src-creds``); they are
+``None`` while the mirror has no client authentication.
+
+Root only, and only in a network namespace with nothing but loopback (``scripts/test``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import skopeo
+from tests.support.clients import (
+    AccessLine,
+    Containerd,
+    Credentials,
+    DockerDaemon,
+    Podman,
+    access_lines,
+    doc_snippet,
+    host_architecture,
+    missing_tools,
+    only_loopback,
+)
+from tests.support.images import ImageInfo, write_image
+from tests.support.mirror import MirrorProcess
+from tests.support.registry import UpstreamRegistry
+from tests.support.tls import ROUTABLE_ADDRESS, TestCA
+
+pytestmark = pytest.mark.e2e
+
+TOOLS = ("dockerd", "docker", "containerd", "ctr", "podman", "skopeo", "ip", "unshare", "openssl")
+IMAGE = "library/test:1"
+
+
+@dataclass
+class Setup:
+    hub: UpstreamRegistry  # "docker.io": token auth, the mirror's default upstream
+    image: ImageInfo  # library/test:1 on hub
+    ca: TestCA
+    mirror: MirrorProcess  # HTTPS on ROUTABLE_ADDRESS, certificate signed by ca
+    address: str  # host:port clients reach the mirror by
+    credentials: Credentials | None = None  # the mirror's user, once it has client auth
+
+    def mark(self) -> tuple[int, int]:
+        """Where the upstream's request log and the mirror's access log are now."""
+        return self.hub.mark(), len(self.lines())
+
+    def check_pull(self, mark: tuple[int, int], query: str = "", timeout: float = 10) -> None:
+        """Since ``mark``: the mirror served every blob of the image (waiting for each
+        answer's log line), and the upstream saw no client but the mirror."""
+        wanted = set(self.image.blob_digests)
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()[mark[1] :]
+            served = {
+                line.path.rpartition("/")[2]
+                for line in lines
+                if line.method == "GET"
+                and line.path.startswith("/v2/library/test/blobs/")
+                and line.status == 200
+                and line.query == query
+            }
+            if served >= wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert served == wanted
+        agents = {entry.user_agent for entry in self.hub.requests_since(mark[0])}
+        assert all(agent.startswith("mirror/") for agent in agents), agents
+
+    def lines(self) -> list[AccessLine]:
+        return access_lines(self.mirror.log())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    if os.geteuid() != 0:
+        pytest.fail("real clients (dockerd, containerd, podman) need root: run scripts/test")
+    if not only_loopback():
+        pytest.fail("run inside `unshare --net` with only loopback (as scripts/test does)")
+    missing = missing_tools(*TOOLS)
+    if missing:
+        pytest.fail(f"missing {missing}: see scripts/install")
+    ca = TestCA(tmp_path_factory.mktemp("ca"))
+    pair = ca.issue("mirror")
+    image = write_image(
+        tmp_path_factory.mktemp("layout") / "test", "1", [2000, 30_000], seed=311,
+        arch=host_architecture(),
+    )  # fmt: skip
+    added = subprocess.run(
+        ["ip", "address", "add", f"{ROUTABLE_ADDRESS}/32", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert added.returncode == 0 or "exists" in added.stderr, added.stderr
+    try:
+        with UpstreamRegistry(auth="token") as hub:
+            hub.push_image(image, IMAGE)
+            upstream = {"name": "docker.io", "url": hub.url, "retries": 0}
+            server = {"tls_certificate": pair.certificate, "tls_key": pair.key}
+            client_tls = ssl.create_default_context(cafile=str(ca.certificate))
+            with MirrorProcess(
+                [upstream], server=server, client_tls=client_tls, extra_args=("--host", "0.0.0.0")
+            ) as mirror:
+                address = f"{ROUTABLE_ADDRESS}:{mirror.port}"
+                yield Setup(hub, image, ca, mirror, address)
+    finally:
+        if added.returncode == 0:
+            subprocess.run(
+                ["ip", "address", "del", f"{ROUTABLE_ADDRESS}/32", "dev", "lo"], check=False
+            )
+
+
+def test_docker_pulls_through_https_registry_mirrors_trusting_the_ca_in_certs_d(
+    setup: Setup,
+) -> None:
+    daemon_json = json.loads(doc_snippet("daemon.json https", mirror=setup.address))
+    assert daemon_json == {"registry-mirrors": [f"https://{setup.address}"]}
+    with DockerDaemon(daemon_json) as docker:
+        assert isinstance(docker, DockerDaemon)
+        mark = setup.mark()
+        # Not trusted yet: refused, however lenient Docker is with registries on loopback.
+        failed = docker.try_docker("pull", f"{setup.address}/{IMAGE}")
+        assert "x509: certificate signed by unknown authority" in failed.stderr, failed.stderr
+
+        docker.trust(setup.address, setup.ca.certificate)
+        if setup.credentials is not None:
+            docker.login(setup.address, setup.credentials)
+        docker.docker("pull", IMAGE)
+        assert docker.repo_digests("test:1") == [f"test@{setup.image.manifest_digest}"]
+        setup.check_pull(mark)
+        # By the mirror's name, with the same CA (the layers are already there).
+        named = f"{setup.address}/library/test"
+        docker.docker("pull", f"{named}:1")
+        assert f"{named}@{setup.image.manifest_digest}" in docker.repo_digests(f"{named}:1")
+
+
+def test_containerd_pulls_through_https_with_the_ca_in_hosts_toml(
+    setup: Setup, tmp_path: Path
+) -> None:
+    text = doc_snippet(
+        "hosts.toml docker.io https",
+        mirror=setup.address,
+        replace={
+            '"https://registry-1.docker.io"': f'"{setup.hub.url}"',
+            '"/etc/containerd/certs.d/mirror-ca.crt"': f'"{setup.ca.certificate}"',
+        },
+    )
+    hosts = tmp_path / "certs.d"
+    (hosts / "docker.io").mkdir(parents=True)
+    (hosts / "docker.io" / "hosts.toml").write_text(text)
+    with Containerd() as containerd:
+        assert isinstance(containerd, Containerd)
+        mark = setup.mark()
+        containerd.pull(hosts, f"docker.io/{IMAGE}", setup.credentials)
+        assert containerd.image_digest(f"docker.io/{IMAGE}") == setup.image.manifest_digest
+        setup.check_pull(mark, query="ns=docker.io")
+
+
+def test_podman_pulls_through_an_https_mirror_with_the_ca_in_containers_certs_d(
+    setup: Setup,
+) -> None:
+    conf = doc_snippet(
+        "registries.conf https",
+        mirror=setup.address,
+        replace={'location = "docker.io"': f'location = "{setup.hub.host}"'},
+    )
+    assert "insecure" not in conf
+    with Podman(conf) as podman:
+        podman.trust(setup.address, setup.ca.certificate)
+        mark = setup.mark()
+        podman.pull(f"docker.io/{IMAGE}", setup.credentials)
+        assert podman.image_digest(f"docker.io/{IMAGE}") == setup.image.manifest_digest
+        setup.check_pull(mark)
+
+
+def test_skopeo_copies_from_the_mirror_by_name_with_a_cert_dir(
+    setup: Setup, tmp_path: Path
+) -> None:
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_bytes(setup.ca.certificate.read_bytes())
+    out = tmp_path / "out"
+    mark = setup.mark()
+    digest = skopeo.copy(
+        f"docker://{setup.address}/{IMAGE}",
+        f"dir:{out}",
+        src_tls_verify=True,
+        src_creds=setup.credentials.joined() if setup.credentials is not None else None,
+        extra=["--src-cert-dir", str(cert_dir)],
+    )
+    assert digest == setup.image.manifest_digest
+    assert skopeo.verify_dir(out) == setup.image.manifest_digest
+    setup.check_pull(mark)

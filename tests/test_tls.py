@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -201,12 +202,20 @@ def test_unusable_tls_files_fail_at_start_naming_the_key(ca: TestCA, tmp_path: P
     pair, other = ca.issue("pair"), ca.issue("other")
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not PEM\n")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(pair.key), "-aes256", "-passout", "pass:x"]
+        + ["-out", str(encrypted)],
+        check=True,
+        capture_output=True,
+    )
     cases = [
         (CertificateFiles(tmp_path / "absent.crt", pair.key), "server.tls_certificate"),
         (CertificateFiles(pair.certificate, tmp_path / "absent.key"), "server.tls_key"),
         (CertificateFiles(pair.certificate, other.key), "server.tls_key"),
         (CertificateFiles(garbage, pair.key), "server.tls_certificate"),
         (CertificateFiles(pair.key, pair.key), "server.tls_certificate"),
+        (CertificateFiles(pair.certificate, encrypted), "server.tls_key"),
         (CertificateFiles(pair.certificate, pair.key, garbage), "server.tls_client_ca"),
     ]
     for files, key in cases:

@@ -14,8 +14,8 @@ These clients fall back to the real registries when a mirror fails: run them in 
 namespace with only loopback (``unshare --net``), as ``scripts/test`` does.
 
 dockerd and podman read the CA certificates they trust for a registry from ``/etc/docker``
-and ``/etc/containers`` and nowhere else of our choosing: each runs in a mount namespace of its
-own where that directory is one of its temporary directory (:meth:`DockerDaemon.trust`,
+and ``/etc/containers``, which cannot be moved: each runs in a mount namespace of its own
+where that directory is one inside its temporary directory (:meth:`DockerDaemon.trust`,
 :meth:`Podman.trust`). Credentials for the mirror travel as each client's own flags
 (:class:`Credentials`).
 """

@@ -71,7 +71,7 @@ _MARKER = re.compile(
 )
 _ACCESS = re.compile(
     r'"(?P<method>[A-Z]+) (?P<target>\S+)" (?P<status>\d{3}) (?P<bytes>\d+)B \S+s '
-    r"cache=(?P<cache>\S+) upstream=(?P<upstream>\S+)"
+    r"cache=(?P<cache>\S+) upstream=(?P<upstream>\S+)(?: user=(?P<user>\S+))?"
 )
 _PLUGIN_DIR = Path("/run/docker/plugins")
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
@@ -143,6 +143,7 @@ class AccessLine:
     status: int
     cache: str
     upstream: str
+    user: str = "-"  #: who the mirror authenticated, ``-`` for an anonymous client
 
     @property
     def path(self) -> str:
@@ -165,6 +166,7 @@ def access_lines(log: str) -> list[AccessLine]:
                     int(match["status"]),
                     match["cache"],
                     match["upstream"],
+                    match["user"] or "-",
                 )
             )
     return lines
@@ -575,12 +577,20 @@ class Podman:
         """Trust ``ca`` for ``registry`` (``host:port``) in ``/etc/containers/certs.d``."""
         _write_ca(self.etc / "certs.d", registry, ca)
 
+    def login(self, registry: str, credentials: Credentials) -> None:
+        """``podman login`` into this podman's auth file: credentials for a mirror must come
+        from there, as ``--creds`` goes to the registry a reference names, never its mirrors."""
+        args = ["login", "--username", credentials.username, "--password-stdin", registry]
+        self.podman(*args, input=credentials.password)
+
     def pull(self, reference: str, credentials: Credentials | None = None) -> None:
-        """``podman pull``, with ``--creds`` if given."""
+        """``podman pull``, with ``--creds`` (for the registry named by ``reference``) if given."""
         creds = ["--creds", credentials.joined()] if credentials is not None else []
         self.podman("pull", *creds, reference)
 
-    def podman(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def podman(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = _clean_environ(
             CONTAINERS_REGISTRIES_CONF=str(self.registries_conf),
             CONTAINERS_CONF=str(self.containers_conf),
@@ -603,9 +613,8 @@ class Podman:
             "cgroupfs",
             *args,
         ]
-        return _run(
-            _with_private_etc({"/etc/containers": self.etc}, argv), env=env, timeout=timeout
-        )
+        argv = _with_private_etc({"/etc/containers": self.etc}, argv)
+        return _run(argv, env=env, timeout=timeout, input=input)
 
     def image_digest(self, name: str) -> str:
         return self.podman("image", "inspect", "--format", "{{.Digest}}", name).stdout.strip()

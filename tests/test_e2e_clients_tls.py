@@ -210,3 +210,37 @@ def test_skopeo_copies_from_the_mirror_by_name_with_a_cert_dir(
     assert digest == setup.image.manifest_digest
     assert skopeo.verify_dir(out) == setup.image.manifest_digest
     setup.check_pull(mark)
+
+
+def test_skopeo_presents_its_client_certificate_to_a_mirror_that_wants_one(
+    setup: Setup, tmp_path: Path
+) -> None:
+    pair, user = setup.ca.issue("mtls-server"), setup.ca.issue("skopeo", ("skopeo",), client=True)
+    server = {
+        "tls_certificate": pair.certificate,
+        "tls_key": pair.key,
+        "tls_client_ca": setup.ca.certificate,
+    }
+    client_tls = ssl.create_default_context(cafile=str(setup.ca.certificate))
+    client_tls.load_cert_chain(user.certificate, user.key)
+    upstream = {"name": "docker.io", "url": setup.hub.url, "retries": 0}
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    (cert_dir / "ca.crt").write_bytes(setup.ca.certificate.read_bytes())
+    with MirrorProcess([upstream], server=server, client_tls=client_tls) as mirror:
+
+        def copy(name: str) -> str:
+            return skopeo.copy(
+                f"docker://{mirror.host}/{IMAGE}",
+                f"dir:{tmp_path / name}",
+                src_tls_verify=True,
+                extra=["--src-cert-dir", str(cert_dir)],
+            )
+
+        with pytest.raises(skopeo.SkopeoError) as refused:
+            copy("refused")
+        assert '/v2/\\": EOF' in refused.value.stderr, refused.value.stderr  # hung up on
+        # A *.cert and *.key pair in the same directory is the client's identity.
+        (cert_dir / "client.cert").write_bytes(user.certificate.read_bytes())
+        (cert_dir / "client.key").write_bytes(user.key.read_bytes())
+        assert copy("out") == setup.image.manifest_digest

@@ -1,14 +1,14 @@
 """End to end over HTTPS: real clients pull through ``mirror serve`` with TLS on, trusting a
-private CA the way ``docs/clients.md`` says (the ``… https`` snippets, read from the page).
+private CA the way ``docs/clients.md`` says (the ``… https`` snippets, read from the page),
+and authenticate to it.
 
 The mirror listens on an address outside 127.0.0.0/8 (Docker trusts anything on loopback
-without verifying it), and nothing anywhere says ``insecure`` or ``tls-verify=false``. Each
-client pulls once; the mirror's access log, which only HTTPS can reach, must show the pull,
-and the upstream must have seen no client but the mirror.
-
-Credentials: each pull goes through a helper that takes the client's :class:`Credentials`
-(``docker login``, ``ctr --user``, ``podman --creds``, ``skopeo --src-creds``); they are
-``None`` while the mirror has no client authentication.
+without verifying it), and nothing anywhere says ``insecure`` or ``tls-verify=false``. Its
+client authentication is on, with its own tokens (the ``/token`` realm must be HTTPS too):
+``library/*`` is open to anonymous clients, ``acme/app`` only to alice, who logs in with
+each client's own means (``docker login``, ``ctr --user``, ``podman login``, ``skopeo
+--src-creds``). The mirror's access log, which only HTTPS can reach, must show each pull
+served to alice, and the upstream must have seen no client but the mirror.
 
 Root only, and only in a network namespace with nothing but loopback (``scripts/test``).
 """
@@ -39,6 +39,7 @@ from tests.support.clients import (
     missing_tools,
     only_loopback,
 )
+from tests.support.htpasswd import write_htpasswd
 from tests.support.images import ImageInfo, write_image
 from tests.support.mirror import MirrorProcess
 from tests.support.registry import UpstreamRegistry
@@ -47,26 +48,45 @@ from tests.support.tls import ROUTABLE_ADDRESS, TestCA
 pytestmark = pytest.mark.e2e
 
 TOOLS = ("dockerd", "docker", "containerd", "ctr", "podman", "skopeo", "ip", "unshare", "openssl")
-IMAGE = "library/test:1"
+PUBLIC = "library/test:1"  # anonymous clients may pull it
+PRIVATE = "acme/app:1"  # only alice may
+ALICE = Credentials("alice", "alice-Secret-pw")
+AUTH = """
+[auth]
+htpasswd = "{htpasswd}"
+tokens = true
+anonymous = ["docker.io/library/*"]
+[[auth.rules]]
+users = ["alice"]
+repositories = ["docker.io/acme/*"]
+"""
 
 
 @dataclass
 class Setup:
     hub: UpstreamRegistry  # "docker.io": token auth, the mirror's default upstream
-    image: ImageInfo  # library/test:1 on hub
+    public: ImageInfo  # PUBLIC on hub
+    private: ImageInfo  # PRIVATE on hub
     ca: TestCA
     mirror: MirrorProcess  # HTTPS on ROUTABLE_ADDRESS, certificate signed by ca
     address: str  # host:port clients reach the mirror by
-    credentials: Credentials | None = None  # the mirror's user, once it has client auth
 
     def mark(self) -> tuple[int, int]:
         """Where the upstream's request log and the mirror's access log are now."""
         return self.hub.mark(), len(self.lines())
 
-    def check_pull(self, mark: tuple[int, int], query: str = "", timeout: float = 10) -> None:
-        """Since ``mark``: the mirror served every blob of the image (waiting for each
-        answer's log line), and the upstream saw no client but the mirror."""
-        wanted = set(self.image.blob_digests)
+    def check_pull(
+        self, mark: tuple[int, int], *, private: bool = True, query: str = "", timeout: float = 10
+    ) -> None:
+        """Since ``mark``: the mirror served every blob of the private image to alice (of the
+        public one to an anonymous client), waiting for each answer's log line; and the
+        upstream saw no client but the mirror."""
+        image, repository, user = (
+            (self.private, "acme/app", ALICE.username)
+            if private
+            else (self.public, "library/test", "-")
+        )
+        wanted = set(image.blob_digests)
         deadline = time.monotonic() + timeout
         while True:
             lines = self.lines()[mark[1] :]
@@ -74,9 +94,10 @@ class Setup:
                 line.path.rpartition("/")[2]
                 for line in lines
                 if line.method == "GET"
-                and line.path.startswith("/v2/library/test/blobs/")
+                and line.path.startswith(f"/v2/{repository}/blobs/")
                 and line.status == 200
                 and line.query == query
+                and line.user == user
             }
             if served >= wanted or time.monotonic() > deadline:
                 break
@@ -100,10 +121,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         pytest.fail(f"missing {missing}: see scripts/install")
     ca = TestCA(tmp_path_factory.mktemp("ca"))
     pair = ca.issue("mirror")
-    image = write_image(
-        tmp_path_factory.mktemp("layout") / "test", "1", [2000, 30_000], seed=311,
-        arch=host_architecture(),
-    )  # fmt: skip
+    layouts = tmp_path_factory.mktemp("layouts")
+    arch = host_architecture()
+    public = write_image(layouts / "test", "1", [2000, 30_000], seed=311, arch=arch)
+    private = write_image(layouts / "app", "1", [2500, 25_000], seed=312, arch=arch)
+    htpasswd = layouts / "htpasswd"
+    write_htpasswd(htpasswd, {ALICE.username: ALICE.password})
     added = subprocess.run(
         ["ip", "address", "add", f"{ROUTABLE_ADDRESS}/32", "dev", "lo"],
         capture_output=True,
@@ -113,15 +136,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     assert added.returncode == 0 or "exists" in added.stderr, added.stderr
     try:
         with UpstreamRegistry(auth="token") as hub:
-            hub.push_image(image, IMAGE)
+            hub.push_image(public, PUBLIC)
+            hub.push_image(private, PRIVATE)
             upstream = {"name": "docker.io", "url": hub.url, "retries": 0}
             server = {"tls_certificate": pair.certificate, "tls_key": pair.key}
             client_tls = ssl.create_default_context(cafile=str(ca.certificate))
             with MirrorProcess(
-                [upstream], server=server, client_tls=client_tls, extra_args=("--host", "0.0.0.0")
+                [upstream],
+                server=server,
+                client_tls=client_tls,
+                extra_args=("--host", "0.0.0.0"),
+                extra_toml=AUTH.format(htpasswd=htpasswd),
             ) as mirror:
                 address = f"{ROUTABLE_ADDRESS}:{mirror.port}"
-                yield Setup(hub, image, ca, mirror, address)
+                yield Setup(hub, public, private, ca, mirror, address)
     finally:
         if added.returncode == 0:
             subprocess.run(
@@ -129,7 +157,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             )
 
 
-def test_docker_pulls_through_https_registry_mirrors_trusting_the_ca_in_certs_d(
+def test_docker_pulls_through_https_registry_mirrors_and_logs_in_trusting_certs_d(
     setup: Setup,
 ) -> None:
     daemon_json = json.loads(doc_snippet("daemon.json https", mirror=setup.address))
@@ -138,22 +166,24 @@ def test_docker_pulls_through_https_registry_mirrors_trusting_the_ca_in_certs_d(
         assert isinstance(docker, DockerDaemon)
         mark = setup.mark()
         # Not trusted yet: refused, however lenient Docker is with registries on loopback.
-        failed = docker.try_docker("pull", f"{setup.address}/{IMAGE}")
+        failed = docker.try_docker("pull", f"{setup.address}/{PUBLIC}")
         assert "x509: certificate signed by unknown authority" in failed.stderr, failed.stderr
 
         docker.trust(setup.address, setup.ca.certificate)
-        if setup.credentials is not None:
-            docker.login(setup.address, setup.credentials)
-        docker.docker("pull", IMAGE)
-        assert docker.repo_digests("test:1") == [f"test@{setup.image.manifest_digest}"]
-        setup.check_pull(mark)
-        # By the mirror's name, with the same CA (the layers are already there).
-        named = f"{setup.address}/library/test"
+        # registry-mirrors: anonymous (it would send a Docker Hub login, not the mirror's).
+        docker.docker("pull", PUBLIC)
+        assert docker.repo_digests("test:1") == [f"test@{setup.public.manifest_digest}"]
+        setup.check_pull(mark, private=False)
+        # By the mirror's name, logged in to it, over the same CA.
+        mark = setup.mark()
+        docker.login(setup.address, ALICE)
+        named = f"{setup.address}/acme/app"
         docker.docker("pull", f"{named}:1")
-        assert f"{named}@{setup.image.manifest_digest}" in docker.repo_digests(f"{named}:1")
+        assert docker.repo_digests(f"{named}:1") == [f"{named}@{setup.private.manifest_digest}"]
+        setup.check_pull(mark)
 
 
-def test_containerd_pulls_through_https_with_the_ca_in_hosts_toml(
+def test_containerd_pulls_through_https_with_the_ca_in_hosts_toml_and_user(
     setup: Setup, tmp_path: Path
 ) -> None:
     text = doc_snippet(
@@ -170,12 +200,12 @@ def test_containerd_pulls_through_https_with_the_ca_in_hosts_toml(
     with Containerd() as containerd:
         assert isinstance(containerd, Containerd)
         mark = setup.mark()
-        containerd.pull(hosts, f"docker.io/{IMAGE}", setup.credentials)
-        assert containerd.image_digest(f"docker.io/{IMAGE}") == setup.image.manifest_digest
+        containerd.pull(hosts, f"docker.io/{PRIVATE}", ALICE)
+        assert containerd.image_digest(f"docker.io/{PRIVATE}") == setup.private.manifest_digest
         setup.check_pull(mark, query="ns=docker.io")
 
 
-def test_podman_pulls_through_an_https_mirror_with_the_ca_in_containers_certs_d(
+def test_podman_logs_in_and_pulls_through_an_https_mirror_with_certs_d(
     setup: Setup,
 ) -> None:
     conf = doc_snippet(
@@ -187,12 +217,13 @@ def test_podman_pulls_through_an_https_mirror_with_the_ca_in_containers_certs_d(
     with Podman(conf) as podman:
         podman.trust(setup.address, setup.ca.certificate)
         mark = setup.mark()
-        podman.pull(f"docker.io/{IMAGE}", setup.credentials)
-        assert podman.image_digest(f"docker.io/{IMAGE}") == setup.image.manifest_digest
+        podman.login(setup.address, ALICE)
+        podman.pull(f"docker.io/{PRIVATE}")
+        assert podman.image_digest(f"docker.io/{PRIVATE}") == setup.private.manifest_digest
         setup.check_pull(mark)
 
 
-def test_skopeo_copies_from_the_mirror_by_name_with_a_cert_dir(
+def test_skopeo_copies_from_the_mirror_by_name_with_a_cert_dir_and_creds(
     setup: Setup, tmp_path: Path
 ) -> None:
     cert_dir = tmp_path / "certs"
@@ -201,14 +232,14 @@ def test_skopeo_copies_from_the_mirror_by_name_with_a_cert_dir(
     out = tmp_path / "out"
     mark = setup.mark()
     digest = skopeo.copy(
-        f"docker://{setup.address}/{IMAGE}",
+        f"docker://{setup.address}/{PRIVATE}",
         f"dir:{out}",
         src_tls_verify=True,
-        src_creds=setup.credentials.joined() if setup.credentials is not None else None,
+        src_creds=ALICE.joined(),
         extra=["--src-cert-dir", str(cert_dir)],
     )
-    assert digest == setup.image.manifest_digest
-    assert skopeo.verify_dir(out) == setup.image.manifest_digest
+    assert digest == setup.private.manifest_digest
+    assert skopeo.verify_dir(out) == setup.private.manifest_digest
     setup.check_pull(mark)
 
 
@@ -231,16 +262,19 @@ def test_skopeo_presents_its_client_certificate_to_a_mirror_that_wants_one(
 
         def copy(name: str) -> str:
             return skopeo.copy(
-                f"docker://{mirror.host}/{IMAGE}",
+                f"docker://{mirror.host}/{PUBLIC}",
                 f"dir:{tmp_path / name}",
                 src_tls_verify=True,
                 extra=["--src-cert-dir", str(cert_dir)],
             )
 
+        before = len(access_lines(mirror.log()))  # the readiness check's
         with pytest.raises(skopeo.SkopeoError) as refused:
             copy("refused")
-        assert '/v2/\\": EOF' in refused.value.stderr, refused.value.stderr  # hung up on
+        # Refused in the TLS handshake: skopeo's first request never reached the API.
+        assert "pinging container registry" in refused.value.stderr, refused.value.stderr
+        assert len(access_lines(mirror.log())) == before
         # A *.cert and *.key pair in the same directory is the client's identity.
         (cert_dir / "client.cert").write_bytes(user.certificate.read_bytes())
         (cert_dir / "client.key").write_bytes(user.key.read_bytes())
-        assert copy("out") == setup.image.manifest_digest
+        assert copy("out") == setup.public.manifest_digest

@@ -218,7 +218,7 @@ def test_podman_logs_in_and_pulls_through_an_https_mirror_with_certs_d(
         podman.trust(setup.address, setup.ca.certificate)
         mark = setup.mark()
         podman.login(setup.address, ALICE)
-        podman.pull(f"docker.io/{PRIVATE}")
+        podman.podman("pull", f"docker.io/{PRIVATE}")
         assert podman.image_digest(f"docker.io/{PRIVATE}") == setup.private.manifest_digest
         setup.check_pull(mark)
 

@@ -583,11 +583,6 @@ class Podman:
         args = ["login", "--username", credentials.username, "--password-stdin", registry]
         self.podman(*args, input=credentials.password)
 
-    def pull(self, reference: str, credentials: Credentials | None = None) -> None:
-        """``podman pull``, with ``--creds`` (for the registry named by ``reference``) if given."""
-        creds = ["--creds", credentials.joined()] if credentials is not None else []
-        self.podman("pull", *creds, reference)
-
     def podman(
         self, *args: str, timeout: float = 120, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:

@@ -268,7 +268,12 @@ def test_skopeo_presents_its_client_certificate_to_a_mirror_that_wants_one(
                 extra=["--src-cert-dir", str(cert_dir)],
             )
 
-        before = len(access_lines(mirror.log()))  # the readiness check's
+        # The readiness check's GET /v2/ is logged once its answer has ended.
+        deadline = time.monotonic() + 10
+        while not access_lines(mirror.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = len(access_lines(mirror.log()))
+        assert before == 1
         with pytest.raises(skopeo.SkopeoError) as refused:
             copy("refused")
         # Refused in the TLS handshake: skopeo's first request never reached the API.

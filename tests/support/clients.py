@@ -14,10 +14,10 @@ These clients fall back to the real registries when a mirror fails: run them in 
 namespace with only loopback (``unshare --net``), as ``scripts/test`` does.
 
 dockerd and podman read the CA certificates they trust for a registry from ``/etc/docker``
-and ``/etc/containers``, which cannot be moved: each runs in a mount namespace of its own
-where that directory is one inside its temporary directory (:meth:`DockerDaemon.trust`,
-:meth:`Podman.trust`). Credentials for the mirror travel as each client's own flags
-(:class:`Credentials`).
+and ``/etc/containers``, which cannot be moved: dockerd always runs in a mount namespace of
+its own where ``/etc/docker`` is a directory inside its temporary directory
+(:meth:`DockerDaemon.trust`), podman once :meth:`Podman.trust` is called. Credentials for
+the mirror travel as each client's own flags (:class:`Credentials`).
 """
 
 from __future__ import annotations
@@ -549,7 +549,7 @@ class Podman:
     the given ``registries.conf`` (``CONTAINERS_REGISTRIES_CONF``). Not a daemon.
     ``storage_driver="overlay"`` starts containers in a second instead of copying the
     image's whole tree (its mounts are undone by :meth:`close`).
-    With :meth:`trust` it sees an ``/etc/containers`` of its own, holding only a policy that
+    After :meth:`trust` it sees an ``/etc/containers`` of its own, holding only a policy that
     accepts any image and the ``certs.d`` that :meth:`trust` fills."""
 
     def __init__(self, registries_conf: str, storage_driver: str = "vfs") -> None:
@@ -569,12 +569,17 @@ class Podman:
             f'[storage]\ndriver = "{storage_driver}"\nrunroot = "{self.workdir / "run"}"\n'
             f'graphroot = "{self.workdir / "root"}"\n'
         )
-        self.etc = self.workdir / "etc-containers"  # /etc/containers as podman sees it
-        self.etc.mkdir()
-        (self.etc / "policy.json").write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        # /etc/containers as podman sees it once trust() is called; until then the machine's,
+        # so that containers run detached (in no namespace of a single command) are unaffected.
+        self.etc: Path | None = None
 
     def trust(self, registry: str, ca: Path) -> None:
         """Trust ``ca`` for ``registry`` (``host:port``) in ``/etc/containers/certs.d``."""
+        if self.etc is None:
+            self.etc = self.workdir / "etc-containers"
+            self.etc.mkdir()
+            policy = '{"default": [{"type": "insecureAcceptAnything"}]}'
+            (self.etc / "policy.json").write_text(policy)
         _write_ca(self.etc / "certs.d", registry, ca)
 
     def login(self, registry: str, credentials: Credentials) -> None:
@@ -608,7 +613,8 @@ class Podman:
             "cgroupfs",
             *args,
         ]
-        argv = _with_private_etc({"/etc/containers": self.etc}, argv)
+        if self.etc is not None:
+            argv = _with_private_etc({"/etc/containers": self.etc}, argv)
         return _run(argv, env=env, timeout=timeout, input=input)
 
     def image_digest(self, name: str) -> str:

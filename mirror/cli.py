@@ -22,6 +22,7 @@ from .errors import Denied, OCIError, UpstreamRefused
 from .logs import configure_logging
 from .manifest import MANIFEST_TYPES
 from .reference import ImageReference, parse_image_reference
+from .tls import CertificateFiles
 
 if TYPE_CHECKING:
     from .layout import Plan
@@ -79,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(OSError):  # a directory made by older versions: 0755
         settings.cache.directory.chmod(0o700)
     configure_logging(settings.server.log_level, settings.server.log_format)
+    tls = CertificateFiles.from_settings(settings.server)
+    if tls is not None:
+        tls.check()
     # Worker processes rebuild the app from the same file and environment, so the
     # flags that matter to the app travel as the environment overrides they equal.
     os.environ["MIRROR_CONFIG"] = str(Path(args.config).resolve())
@@ -99,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         timeout_graceful_shutdown=5,
         **uvicorn_options(settings.server),
+        ssl_context_factory=tls.listening_context if tls is not None else None,
     )
     return 0
 

@@ -89,6 +89,9 @@ class ServerSettings:
     header_timeout: float = 30.0  # seconds a client has to send a request's headers
     max_header_bytes: int = 64 * 1024  # request line and headers together
     max_headers: int = 100  # header fields in one request
+    tls_certificate: Path | None = None  # PEM chain; with tls_key, the API is served over TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # clients must present a certificate this CA signed
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,24 @@ def _auth_realms(raw: Mapping[str, Any], key: str, url: str) -> tuple[str, ...]:
     return tuple(realms)
 
 
+def _server_tls(server: ServerSettings, raw: Mapping[str, Any]) -> ServerSettings:
+    """The TLS file names; whether the files serve is checked by ``tls.py`` at start."""
+    paths = {
+        name: Path(_str(raw[name], f"server.{name}")) if raw.get(name) else None
+        for name in ("tls_certificate", "tls_key", "tls_client_ca")
+    }
+    if (paths["tls_certificate"] is None) != (paths["tls_key"] is None):
+        raise ConfigError("server.tls_key", "tls_certificate and tls_key go together")
+    if paths["tls_client_ca"] is not None and paths["tls_certificate"] is None:
+        raise ConfigError("server.tls_client_ca", "needs tls_certificate and tls_key")
+    return dataclasses.replace(
+        server,
+        tls_certificate=paths["tls_certificate"],
+        tls_key=paths["tls_key"],
+        tls_client_ca=paths["tls_client_ca"],
+    )
+
+
 def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Apply ``MIRROR_<SECTION>_<KEY>`` and ``MIRROR_UPSTREAMS_<N>_<KEY>`` variables."""
     for variable, value in environ.items():
@@ -407,6 +428,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             maximum=10_000,
         ),
     )
+    server = _server_tls(server, server_raw)
     if server.log_level not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(
             "server.log_level", "expected one of critical, error, warning, info, debug"

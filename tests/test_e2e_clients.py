@@ -60,6 +60,10 @@ TESTED_SNIPPETS = {
     "containerd config.toml",
     "containerd cri auth",
     "registries.conf",
+    # Tested in test_e2e_clients_tls.py:
+    "daemon.json https",
+    "hosts.toml docker.io https",
+    "registries.conf https",
 }
 
 

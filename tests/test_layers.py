@@ -33,6 +33,7 @@ LAYERS = [
         "security.users",
         "security.tokens",
         "security.limits",
+        "tls",
     },
     {"upstream", "fill", "blobs", "inventory", "integrity", "foreign", "holdings"},
     {"referrers", "service"},

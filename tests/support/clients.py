@@ -12,10 +12,17 @@ operators copy: :func:`doc_snippet` reads the fenced block that follows an HTML 
 
 These clients fall back to the real registries when a mirror fails: run them in a network
 namespace with only loopback (``unshare --net``), as ``scripts/test`` does.
+
+dockerd and podman read the CA certificates they trust for a registry from ``/etc/docker``
+and ``/etc/containers``, which cannot be moved: dockerd always runs in a mount namespace of
+its own where ``/etc/docker`` is a directory inside its temporary directory
+(:meth:`DockerDaemon.trust`), podman once :meth:`Podman.trust` is called. Credentials for
+the mirror travel as each client's own flags (:class:`Credentials`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +47,7 @@ __all__ = [
     "AccessLine",
     "ClientError",
     "Containerd",
+    "Credentials",
     "Daemon",
     "DockerDaemon",
     "Podman",
@@ -63,7 +71,7 @@ _MARKER = re.compile(
 )
 _ACCESS = re.compile(
     r'"(?P<method>[A-Z]+) (?P<target>\S+)" (?P<status>\d{3}) (?P<bytes>\d+)B \S+s '
-    r"cache=(?P<cache>\S+) upstream=(?P<upstream>\S+)"
+    r"cache=(?P<cache>\S+) upstream=(?P<upstream>\S+)(?: user=(?P<user>\S+))?"
 )
 _PLUGIN_DIR = Path("/run/docker/plugins")
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
@@ -71,6 +79,18 @@ _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64
 
 class ClientError(RuntimeError):
     """A client command failed or a daemon did not come up; carries its output."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user of the mirror, as a client is told it (``docker login``, ``--creds``, ``--user``)."""
+
+    username: str
+    password: str = dataclasses.field(repr=False)
+
+    def joined(self) -> str:
+        """``user:password``, as ``--creds`` and ``ctr --user`` take them."""
+        return f"{self.username}:{self.password}"
 
 
 # ------------------------------------------------------------------------ the doc
@@ -123,6 +143,7 @@ class AccessLine:
     status: int
     cache: str
     upstream: str
+    user: str = "-"  #: who the mirror authenticated, ``-`` for an anonymous client
 
     @property
     def path(self) -> str:
@@ -145,6 +166,7 @@ def access_lines(log: str) -> list[AccessLine]:
                     int(match["status"]),
                     match["cache"],
                     match["upstream"],
+                    match["user"] or "-",
                 )
             )
     return lines
@@ -168,6 +190,21 @@ def only_loopback() -> bool:
 
 def missing_tools(*names: str) -> list[str]:
     return [name for name in names if shutil.which(name) is None]
+
+
+def _with_private_etc(binds: Mapping[str, Path], argv: Sequence[str]) -> list[str]:
+    """``argv`` in a mount namespace of its own where each directory of ``binds`` (e.g.
+    ``/etc/docker``) is the given one instead; the namespace ends with the last process in it.
+    The shell ``exec``s, so the pid is ``argv``'s."""
+    script = 'while [ "$1" != -- ]; do mount --bind "$2" "$1" || exit 1; shift 2; done; shift; '
+    pairs = [str(part) for target, source in binds.items() for part in (target, source)]
+    return ["unshare", "--mount", "sh", "-c", script + 'exec "$@"', "sh", *pairs, "--", *argv]
+
+
+def _write_ca(certs_d: Path, registry: str, ca: Path) -> None:
+    """``certs.d/<host:port>/ca.crt``, the layout Docker and containers/image share."""
+    (certs_d / registry).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ca, certs_d / registry / "ca.crt")
 
 
 def _mount_points_under(root: Path) -> list[str]:
@@ -221,7 +258,11 @@ def _alive(pid: int) -> bool:
 
 
 def _run(
-    argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 120
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a client command; raise ClientError with its output if it fails."""
     try:
@@ -230,7 +271,8 @@ def _run(
             capture_output=True,
             text=True,
             env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input is None else None,
+            input=input,
             timeout=timeout,
             check=False,
         )
@@ -369,9 +411,25 @@ class DockerDaemon(Daemon):
         }
         self.config_path = self.workdir / "daemon.json"
         self.config_path.write_text(json.dumps(self.settings, indent=2))
+        self.etc = self.workdir / "etc-docker"  # /etc/docker as this dockerd sees it
+        self.etc.mkdir()
 
     def command(self) -> list[str]:
-        return ["dockerd", "--config-file", str(self.config_path)]
+        argv = ["dockerd", "--config-file", str(self.config_path)]
+        return _with_private_etc({"/etc/docker": self.etc}, argv)
+
+    def trust(self, registry: str, ca: Path) -> None:
+        """Trust ``ca`` for ``registry`` (``host:port``) in ``/etc/docker/certs.d``,
+        read by dockerd at each pull."""
+        _write_ca(self.etc / "certs.d", registry, ca)
+
+    def login(self, registry: str, credentials: Credentials) -> None:
+        """``docker login`` (checked by the daemon against ``registry``, stored by the CLI)."""
+        args = ["login", "--username", credentials.username, "--password-stdin", registry]
+        env = _clean_environ(
+            DOCKER_HOST=f"unix://{self.socket}", DOCKER_CONFIG=str(self.config_dir)
+        )
+        _run(["docker", *args], env=env, input=credentials.password)
 
     def start(self) -> Daemon:
         # The one path 20.10 cannot be told to keep elsewhere: its plugin socket directory.
@@ -464,6 +522,11 @@ class Containerd(Daemon):
             ["ctr", "--address", str(self.socket), *args], env=_clean_environ(), timeout=timeout
         )
 
+    def pull(self, hosts_dir: Path, reference: str, credentials: Credentials | None = None) -> None:
+        """``ctr images pull --hosts-dir`` (``hosts.toml`` files), with ``--user`` if given."""
+        user = ["--user", credentials.joined()] if credentials is not None else []
+        self.ctr("images", "pull", "--hosts-dir", str(hosts_dir), *user, reference)
+
     def image_digest(self, name: str) -> str:
         """The digest ``ctr images ls`` shows for ``name``."""
         for line in self.ctr("images", "ls").stdout.splitlines()[1:]:
@@ -485,7 +548,9 @@ class Podman:
     """``podman`` (4.3, root, vfs storage by default) with its storage in a directory of its own and
     the given ``registries.conf`` (``CONTAINERS_REGISTRIES_CONF``). Not a daemon.
     ``storage_driver="overlay"`` starts containers in a second instead of copying the
-    image's whole tree (its mounts are undone by :meth:`close`)."""
+    image's whole tree (its mounts are undone by :meth:`close`).
+    After :meth:`trust` it sees an ``/etc/containers`` of its own, holding only a policy that
+    accepts any image and the ``certs.d`` that :meth:`trust` fills."""
 
     def __init__(self, registries_conf: str, storage_driver: str = "vfs") -> None:
         self.storage_driver = storage_driver
@@ -504,8 +569,28 @@ class Podman:
             f'[storage]\ndriver = "{storage_driver}"\nrunroot = "{self.workdir / "run"}"\n'
             f'graphroot = "{self.workdir / "root"}"\n'
         )
+        # /etc/containers as podman sees it once trust() is called; until then the machine's,
+        # so that containers run detached (in no namespace of a single command) are unaffected.
+        self.etc: Path | None = None
 
-    def podman(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def trust(self, registry: str, ca: Path) -> None:
+        """Trust ``ca`` for ``registry`` (``host:port``) in ``/etc/containers/certs.d``."""
+        if self.etc is None:
+            self.etc = self.workdir / "etc-containers"
+            self.etc.mkdir()
+            policy = '{"default": [{"type": "insecureAcceptAnything"}]}'
+            (self.etc / "policy.json").write_text(policy)
+        _write_ca(self.etc / "certs.d", registry, ca)
+
+    def login(self, registry: str, credentials: Credentials) -> None:
+        """``podman login`` into this podman's auth file: credentials for a mirror must come
+        from there, as ``--creds`` goes to the registry a reference names, never its mirrors."""
+        args = ["login", "--username", credentials.username, "--password-stdin", registry]
+        self.podman(*args, input=credentials.password)
+
+    def podman(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env = _clean_environ(
             CONTAINERS_REGISTRIES_CONF=str(self.registries_conf),
             CONTAINERS_CONF=str(self.containers_conf),
@@ -528,7 +613,9 @@ class Podman:
             "cgroupfs",
             *args,
         ]
-        return _run(argv, env=env, timeout=timeout)
+        if self.etc is not None:
+            argv = _with_private_etc({"/etc/containers": self.etc}, argv)
+        return _run(argv, env=env, timeout=timeout, input=input)
 
     def image_digest(self, name: str) -> str:
         return self.podman("image", "inspect", "--format", "{{.Digest}}", name).stdout.strip()

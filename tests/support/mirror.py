@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ def write_config(
     upstreams: list[dict[str, Any]],
     workers: int = 1,
     extra_toml: str = "",
+    server: dict[str, Any] | None = None,
     **cache: Any,
 ) -> None:
     """``extra_toml`` is appended as is: tables of other sections (``[auth]``, …)."""
@@ -42,6 +44,7 @@ def write_config(
         f"port = {port}",
         f"workers = {workers}",
         'log_level = "info"',
+        *(f"{key} = {_toml_value(value)}" for key, value in (server or {}).items()),
         "[cache]",
         f"directory = {_toml_value(cache_dir)}",
     ]
@@ -53,7 +56,12 @@ def write_config(
 
 
 class MirrorProcess(LoopbackService, Service):
-    """Starts ``python -m mirror serve``; stops it (gracefully or with kill -9)."""
+    """Starts ``python -m mirror serve``; stops it (gracefully or with kill -9).
+
+    ``server`` adds keys to the ``[server]`` table; with ``tls_certificate`` among them the
+    mirror answers HTTPS, and ``client_tls`` (trusting the CA that signed its certificate) is
+    how its readiness is checked.
+    """
 
     def __init__(
         self,
@@ -65,6 +73,8 @@ class MirrorProcess(LoopbackService, Service):
         env: dict[str, str] | None = None,
         workdir: Path | None = None,
         extra_toml: str = "",
+        server: dict[str, Any] | None = None,
+        client_tls: ssl.SSLContext | None = None,
         **cache: Any,
     ) -> None:
         # A workdir passed in belongs to the caller (e.g. pytest's tmp_path) and stays.
@@ -81,14 +91,21 @@ class MirrorProcess(LoopbackService, Service):
             upstreams=upstreams,
             workers=workers,
             extra_toml=extra_toml,
+            server=server,
             **cache,
         )
+        self.tls = bool(server and server.get("tls_certificate"))
+        self.client_tls = client_tls
         self.log_path = self.workdir / "mirror.log"
         self.extra_args = extra_args
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         # A command line the server is started through (e.g. a namespace of its own).
         self.wrapper: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -119,6 +136,7 @@ class MirrorProcess(LoopbackService, Service):
             process=self.process,
             stderr_path=self.log_path,
             name="mirror",
+            verify=self.client_tls or True,
         )
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ def wait_http_ok(
     *,
     stderr_path: str | Path | None = None,
     name: str | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.Response:
     """Poll ``url`` until it answers with a status below 500; return that response.
 
@@ -69,7 +71,9 @@ def wait_http_ok(
     label = name or url
     deadline = time.monotonic() + timeout
     last: str = "no attempt made"
-    with httpx.Client(timeout=min(5.0, max(timeout, 0.1)), trust_env=False) as client:
+    with httpx.Client(
+        timeout=min(5.0, max(timeout, 0.1)), trust_env=False, verify=verify
+    ) as client:
         while True:
             if process is not None and process.poll() is not None:
                 raise ServiceNotReady(

@@ -175,6 +175,31 @@ def _check_upstreams(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the mirror on this host answers ``/healthz``: the container's check."""
+    import http.client
+    import ssl
+    import urllib.request
+
+    server = _settings(args).server
+    context = None
+    scheme = "http"
+    if server.tls_certificate is not None:
+        # The certificate names the host clients use, not 127.0.0.1: this check is
+        # about the process answering, not about trust.
+        scheme, context = "https", ssl._create_unverified_context()
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    host = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{host}:{server.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout, context=context) as response:
+            status = int(response.status)
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"mirror: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if status == 200 else 1
+
+
 def _references(args: argparse.Namespace) -> list[ImageReference]:
     texts = list(args.references)
     if getattr(args, "file", None):
@@ -299,6 +324,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", default="config.toml", help="path to config.toml")
     check.set_defaults(run=_check_upstreams)
+    health = commands.add_parser("healthcheck", help="exit 0 when the local mirror answers")
+    health.add_argument("--config", default="config.toml", help="path to config.toml")
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds to wait")
+    health.set_defaults(run=_healthcheck)
 
     warm = commands.add_parser("warm", help="fill the cache with images ahead of time")
     warm.add_argument(

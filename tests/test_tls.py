@@ -21,7 +21,8 @@ import pytest
 
 from mirror.config import ConfigError, parse
 from mirror.tls import CertificateFiles
-from tests.support.mirror import MirrorProcess, run_cli
+from tests.support.mirror import MirrorProcess, run_cli, write_config
+from tests.support.ports import free_port
 from tests.support.tls import Issued, TestCA
 
 NOWHERE = [{"name": "docker.io", "url": "http://127.0.0.1:9"}]  # never contacted here
@@ -244,3 +245,15 @@ def test_unusable_tls_files_fail_at_start_naming_the_key(ca: TestCA, tmp_path: P
     assert result.returncode == 2
     assert "server.tls_key" in result.stderr and "is not the key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_healthcheck_command_asks_the_tls_port(
+    tls_mirror: tuple[MirrorProcess, Path, Issued], tmp_path: Path
+) -> None:
+    mirror, _, _ = tls_mirror
+    assert run_cli("healthcheck", "--config", str(mirror.config_path)).returncode == 0
+    nothing = tmp_path / "nothing.toml"
+    write_config(nothing, port=free_port(), cache_dir=tmp_path / "c", upstreams=NOWHERE)
+    failed = run_cli("healthcheck", "--config", str(nothing))
+    assert failed.returncode == 1
+    assert "/healthz" in failed.stderr

@@ -22,9 +22,7 @@ import logging
 import os
 import sqlite3
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,8 @@ from typing import Any, BinaryIO
 import diskcache
 
 from .accesstimes import AccessTimes
-from .blobpaths import BlobPaths
 from .locks import FileLock
+from .memo import Memo
 from .reference import Digest
 
 __all__ = ["ORPHAN_GRACE_SECONDS", "AdoptFile", "Store", "TagRecord"]
@@ -135,56 +133,6 @@ class _Index(diskcache.Cache):  # type: ignore[misc]
         return count
 
 
-class _Memo:
-    """A small in-memory LRU in front of the index for manifests and tag records.
-
-    Hot manifests and tags are served from memory, on the event loop, without a
-    SQLite read (and the write that LRU bookkeeping costs). Manifests are immutable;
-    tag records are kept with the time they were read (``_TAG_MEMO_SECONDS``).
-    Bounded by total size.
-    """
-
-    def __init__(self, max_bytes: int, mark: Path | None = None) -> None:
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        # A file every worker's purge touches: a purged manifest or tag must not live
-        # on in another worker's memory. One stat a lookup, no read.
-        self._mark = mark
-        self._seen = self._stamp()
-
-    def _stamp(self) -> int:
-        try:
-            return os.stat(self._mark).st_mtime_ns if self._mark else 0
-        except OSError:
-            return 0
-
-    def get(self, key: str) -> object | None:
-        stamp = self._stamp()
-        with self._lock:
-            if stamp != self._seen:
-                self._seen = stamp
-                self._items.clear()
-                self._bytes = 0
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0]
-
-    def put(self, key: str, value: object, size: int) -> None:
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._items[key] = (value, size)
-            self._bytes += size
-            while self._bytes > self._max_bytes and self._items:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self._bytes -= dropped
-
-
 def _blob_key(digest: Digest) -> str:
     return f"blob:{digest}"
 
@@ -223,8 +171,12 @@ class Store:
         # Keys of pinned entries (maintained by inventory.py), never culled.
         self._index._sql("CREATE TABLE IF NOT EXISTS Pinned (key TEXT PRIMARY KEY)")
         self._purge_mark = directory / "purged"
-        self._memo = _Memo(_MEMO_BYTES, self._purge_mark)
-        self._blob_paths = BlobPaths(_BLOB_PATHS, self._purge_mark)
+        self._memo = Memo(_MEMO_BYTES, self._purge_mark)
+        # Where each cached blob's file is (the index gives it a random suffix): a hit
+        # opens it without asking the index. An entry may outlive its file (evicted,
+        # maybe by another worker): opening fails and the index is asked again; while
+        # the file exists its bytes are the verified blob, so a stale entry is harmless.
+        self._blob_paths = Memo(_BLOB_PATHS, self._purge_mark)
         self._access_times = AccessTimes(self._write_access_times)
         self._repositories = diskcache.Cache(
             str(directory / "repositories"), eviction_policy="none", timeout=60
@@ -254,13 +206,13 @@ class Store:
 
         Eviction may unlink the file later, but an open handle keeps reading.
         """
-        path = self._blob_paths.get(digest)
-        if path is None:
+        path = self._blob_paths.get(str(digest))
+        if not isinstance(path, str):
             return None
         try:
             handle = open(path, "rb")  # the caller owns and closes it
         except FileNotFoundError:  # evicted since: ask the index
-            self._blob_paths.forget(digest, path)
+            self._blob_paths.discard(str(digest), path)
             return None
         self._access_times.touch(_blob_key(digest))
         return handle
@@ -275,7 +227,7 @@ class Store:
             return known
         handle: BinaryIO | None = self._index.get(_blob_key(digest), read=True)
         if handle is not None:
-            self._blob_paths.put(digest, handle.name)
+            self._blob_paths.put(str(digest), handle.name)
         return handle
 
     def has_blob(self, digest: Digest) -> bool:
@@ -290,7 +242,7 @@ class Store:
         handle = self._index.get(_blob_key(digest), read=True)
         if handle is not None:  # the file's name is the index's choice: remember it
             handle.close()
-            self._blob_paths.put(digest, handle.name)
+            self._blob_paths.put(str(digest), handle.name)
         return self._cull()
 
     def temp_path(self, digest: Digest) -> Path:

@@ -28,7 +28,7 @@ LAYERS = [
         "images",
         "auth",
         "redirects",
-        "blobpaths",
+        "memo",
         "store",
         "security.users",
         "security.tokens",

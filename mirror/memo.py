@@ -1,0 +1,67 @@
+"""Small in-memory LRUs in front of the shared index, one per kind of record.
+
+Hot manifests, tag records and blob file paths are answered from memory, on the
+event loop, without a SQLite read (and the write that LRU bookkeeping costs).
+Every worker has its own; a file that every worker's purge touches tells the
+others to forget what they hold (one ``stat`` a lookup, no read), so purged
+content does not live on in another worker's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+__all__ = ["Memo"]
+
+
+class Memo:
+    """An LRU bounded by the total of its entries' sizes, cleared when ``mark`` changes."""
+
+    def __init__(self, max_size: int, mark: Path | None = None) -> None:
+        self._max_size = max_size
+        self._size = 0
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._mark = mark
+        self._seen = self._stamp()
+
+    def _stamp(self) -> int:
+        try:
+            return os.stat(self._mark).st_mtime_ns if self._mark else 0
+        except OSError:
+            return 0
+
+    def get(self, key: str) -> object | None:
+        stamp = self._stamp()
+        with self._lock:
+            if stamp != self._seen:
+                self._seen = stamp
+                self._items.clear()
+                self._size = 0
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: str, value: object, size: int = 1) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= old[1]
+            self._items[key] = (value, size)
+            self._size += size
+            while self._size > self._max_size and self._items:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._size -= dropped
+
+    def discard(self, key: str, value: object) -> None:
+        """Drop the entry if it still holds ``value`` (a newer one stays)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item[0] == value:
+                del self._items[key]
+                self._size -= item[1]

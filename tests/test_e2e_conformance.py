@@ -18,25 +18,10 @@ import pytest
 
 from mirror.manifest import OCI_INDEX, OCI_MANIFEST
 from tests.conftest import SeededUpstream
+from tests.support.oci import SPEC_CODES
 
 pytestmark = pytest.mark.e2e
 
-SPEC_CODES = {
-    "BLOB_UNKNOWN",
-    "BLOB_UPLOAD_INVALID",
-    "BLOB_UPLOAD_UNKNOWN",
-    "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN",
-    "MANIFEST_INVALID",
-    "MANIFEST_UNKNOWN",
-    "NAME_INVALID",
-    "NAME_UNKNOWN",
-    "SIZE_INVALID",
-    "UNAUTHORIZED",
-    "DENIED",
-    "UNSUPPORTED",
-    "TOOMANYREQUESTS",
-}
 ACCEPT = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
 
 

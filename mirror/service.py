@@ -309,6 +309,15 @@ class PullThroughCache:
         same time, and no longer than the upstream's ``revalidate_timeout``, past
         which the stale answer is served while the revalidation goes on."""
         media_type, body = cached
+        # Another request may have revalidated the tag since this one read its record
+        # (there were awaits in between): then there is nothing left to ask.
+        latest = self._memo_tag(upstream, repository, tag, accept)
+        if (
+            latest is not None
+            and latest.digest == record.digest
+            and 0 <= self._now() - latest.checked_at < upstream.settings.tag_ttl
+        ):
+            return Manifest(body, media_type, record.digest, "hit")
 
         async def refresh() -> Manifest:
             head = await upstream.head_manifest(repository, tag, accept)

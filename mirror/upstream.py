@@ -348,20 +348,11 @@ class Upstream:
             headers={"Accept": ", ".join(accept)},
         )
         try:
-            declared = _length(response)
-            if declared is not None and declared > MAX_MANIFEST_BYTES:
-                raise ManifestInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_MANIFEST_BYTES:
-                    raise ManifestInvalid(f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"upstream {self.name} broke off a manifest") from exc
+            data = await self._read_capped(
+                response, MAX_MANIFEST_BYTES, "a manifest", too_large=ManifestInvalid
+            )
         finally:
             await response.aclose()
-        data = bytes(body)
-        self._count_bytes(len(data))
         media_type = manifest_media_type(response.headers.get("Content-Type"), data)
         # By digest, the bytes must hash to it; by tag, to what the upstream claims.
         claimed = _claimed_digest(response, self.name)
@@ -455,17 +446,25 @@ class Upstream:
         finally:
             await response.aclose()
 
-    async def _read_capped(self, response: httpx.Response, cap: int, what: str) -> bytes:
-        """The whole body, refused (Unavailable) once it passes ``cap`` bytes."""
+    async def _read_capped(
+        self,
+        response: httpx.Response,
+        cap: int,
+        what: str,
+        *,
+        too_large: type[OCIError] = Unavailable,
+    ) -> bytes:
+        """The whole body, refused (``too_large``) once it passes ``cap`` bytes."""
+        refused = too_large(f"upstream {self.name} sent {what} larger than {cap} bytes")
         declared = _length(response)
         if declared is not None and declared > cap:
-            raise Unavailable(f"upstream {self.name} sent {what} larger than {cap} bytes")
+            raise refused
         body = bytearray()
         try:
             async for chunk in response.aiter_bytes():
                 body += chunk
                 if len(body) > cap:
-                    raise Unavailable(f"upstream {self.name} sent {what} larger than {cap} bytes")
+                    raise refused
         except httpx.HTTPError as exc:
             raise Unavailable(f"upstream {self.name} broke off {what}") from exc
         self._count_bytes(len(body))

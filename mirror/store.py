@@ -34,6 +34,7 @@ from .accesstimes import AccessTimes
 from .locks import FileLock
 from .memo import Memo
 from .reference import Digest
+from .storage.base import TagRecord
 
 __all__ = ["ORPHAN_GRACE_SECONDS", "AdoptFile", "Store", "TagRecord"]
 
@@ -65,13 +66,6 @@ class AdoptFile:
 
     path: Path
     digest: Digest
-
-
-@dataclass(frozen=True)
-class TagRecord:
-    digest: Digest
-    media_type: str
-    checked_at: float  # wall-clock seconds when the upstream last confirmed it
 
 
 class _BlobDisk(diskcache.Disk):  # type: ignore[misc]

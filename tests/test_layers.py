@@ -22,6 +22,7 @@ LAYERS = [
         "security.rules",
         "numbers",
         "gate",
+        "storage.base",
     },
     {
         "manifest",

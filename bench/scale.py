@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from mirror.manifest import MANIFEST_TYPES, OCI_MANIFEST
-from mirror.store import Store
+from mirror.storage.disk import Store
 from tests.support.ports import free_port, wait_http_ok
 
 from .load import run_wrk_mix

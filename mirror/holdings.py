@@ -34,8 +34,8 @@ from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError
 from .manifest import MANIFEST_TYPES
 from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
-from .store import Store
-from .upstream import Upstream
+from .storage.disk import Store
+from .upstream.client import Upstream
 
 __all__ = ["Holdings", "Kind", "references"]
 

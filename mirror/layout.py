@@ -22,12 +22,12 @@ from typing import IO
 
 from .errors import ManifestInvalid, OCIError
 from .images import Descriptor, children, is_index, referenced_blobs
-from .locks import FileLock
 from .manifest import MANIFEST_TYPES, OCI_INDEX, manifest_media_type
 from .reference import Digest, ImageReference, parse_digest, parse_image_reference
 from .referrers import index_body, referrers_tag
 from .service import PullThroughCache
-from .upstream import Upstream
+from .storage.locks import FileLock
+from .upstream.client import Upstream
 
 __all__ = ["LayoutError", "Plan", "export_layout", "import_layout", "plan_export"]
 

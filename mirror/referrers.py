@@ -28,8 +28,8 @@ from .errors import ManifestInvalid, ManifestUnknown, TooManyRequests, Unavailab
 from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest
-from .store import Store
-from .upstream import Upstream
+from .storage.disk import Store
+from .upstream.client import Upstream
 
 __all__ = ["ReferrersAnswer", "ReferrersCache", "index_body", "referrers_of", "referrers_tag"]
 

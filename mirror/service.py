@@ -26,7 +26,6 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from .blobs import Blob, BlobSource, CachedBlob, FollowedBlob, PassedThroughBlob
 from .config import Settings
 from .errors import (
     BlobUnknown,
@@ -38,18 +37,20 @@ from .errors import (
     TooManyRequests,
     Unavailable,
 )
-from .fill import DiskFull, Fill, report_disk_failure
-from .foreign import FOREIGN_POLL_SECONDS, ForeignBlob
-from .gate import FillGate
+from .fills.blobs import Blob, BlobSource, CachedBlob, FollowedBlob, PassedThroughBlob
+from .fills.fill import DiskFull, Fill, report_disk_failure
+from .fills.foreign import FOREIGN_POLL_SECONDS, ForeignBlob
+from .fills.gate import FillGate
 from .holdings import Holdings
-from .locks import FileLock, lock_is_held
 from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
 from .referrers import ReferrersAnswer, ReferrersCache
 from .singleflight import SingleFlight
-from .store import Store, TagRecord
-from .upstream import BlobResponse, FetchedManifest, Upstream
+from .storage.base import TagRecord
+from .storage.disk import Store
+from .storage.locks import FileLock, lock_is_held
+from .upstream.client import BlobResponse, FetchedManifest, Upstream
 
 __all__ = ["Manifest", "PullThroughCache"]
 

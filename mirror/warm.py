@@ -19,7 +19,7 @@ from .images import Descriptor, Platform, children, is_index, referenced_blobs
 from .manifest import MANIFEST_TYPES
 from .reference import Digest, ImageReference, parse_digest
 from .service import PullThroughCache
-from .upstream import Upstream
+from .upstream.client import Upstream
 
 __all__ = ["WarmSummary", "warm"]
 

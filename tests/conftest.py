@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from mirror.app import create_app
 from mirror.config import Settings, parse
+from mirror.web.app import create_app
 from tests.fakes import TOKEN_REALM, FakeRegistry
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import ConfigError, Settings, parse
 from mirror.manifest import OCI_MANIFEST
 from mirror.security.rules import Authorizer, Rule, compile_pattern
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import basic, write_htpasswd

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings, parse
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import basic, write_htpasswd

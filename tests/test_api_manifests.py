@@ -7,9 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import parse
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, make_settings
 from tests.fakes import TOKEN_REALM, FakeRegistry, digest_of
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.manifest import OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 

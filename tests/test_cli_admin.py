@@ -12,9 +12,9 @@ import anyio
 import httpx
 import pytest
 
-from mirror.app import create_app
-from mirror.cli import main
+from mirror.cli.main import main
 from mirror.config import Settings, parse
+from mirror.web.app import create_app
 from tests.conftest import Clock, live_server
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import write_htpasswd

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 import mirror.security.users
-from mirror.app import create_app
 from mirror.config import ConfigError, Settings, parse
 from mirror.manifest import OCI_MANIFEST
 from mirror.security.tokens import TokenIssuer
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import basic, htpasswd_line, write_htpasswd

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mirror.reference import Digest
-from mirror.store import ORPHAN_GRACE_SECONDS, Store
+from mirror.storage.disk import ORPHAN_GRACE_SECONDS, Store
 
 
 def _blob(store: Store, data: bytes) -> Digest:

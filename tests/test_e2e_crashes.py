@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.store import ORPHAN_GRACE_SECONDS
+from mirror.storage.disk import ORPHAN_GRACE_SECONDS
 from tests.fakes import FakeRegistry
 from tests.support.mirror import MirrorProcess
 from tests.support.ports import wait_http_ok

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
-from mirror.locks import FileLock
 from mirror.reference import parse_digest
-from mirror.store import Store
+from mirror.storage.disk import Store
+from mirror.storage.locks import FileLock
+from mirror.web.app import create_app
 from tests.conftest import live_server
 from tests.fakes import FakeRegistry
 

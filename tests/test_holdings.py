@@ -15,13 +15,13 @@ import anyio
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings, parse
 from mirror.layout import import_layout
 from mirror.manifest import MANIFEST_TYPES, OCI_INDEX
 from mirror.reference import parse_image_reference
 from mirror.singleflight import SingleFlight
 from mirror.warm import warm
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled
 from tests.fakes import FakeRegistry
 from tests.support.images import write_image

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
-from mirror.server import uvicorn_options
+from mirror.web.app import create_app
+from mirror.web.server import uvicorn_options
 from tests.conftest import make_settings
 from tests.fakes import FakeRegistry
 from tests.support.descriptors import open_descriptors

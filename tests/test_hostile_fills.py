@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import parse
 from mirror.service import PullThroughCache
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.descriptors import open_descriptors

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
 from mirror.manifest import OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.descriptors import blob_descriptors

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
 from mirror.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
-from mirror.store import Store
+from mirror.storage.disk import Store
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled
 from tests.fakes import FakeRegistry
 

@@ -14,36 +14,44 @@ LAYERS = [
         "reference",
         "singleflight",
         "breaker",
-        "locks",
-        "accesstimes",
+        "storage.locks",
+        "storage.accesstimes",
         "config",
         "logs",
         "metrics",
         "security.rules",
         "numbers",
-        "gate",
+        "fills.gate",
         "storage.base",
     },
     {
         "manifest",
         "images",
-        "auth",
-        "redirects",
-        "memo",
-        "store",
+        "upstream.auth",
+        "upstream.redirects",
+        "storage.memo",
+        "storage.disk",
         "security.users",
         "security.tokens",
         "security.limits",
-        "tls",
+        "web.tls",
     },
-    {"upstream", "fill", "blobs", "inventory", "integrity", "foreign", "holdings"},
+    {
+        "upstream.client",
+        "fills.fill",
+        "fills.blobs",
+        "admin.inventory",
+        "admin.integrity",
+        "fills.foreign",
+        "holdings",
+    },
     {"referrers", "service"},
-    {"warm", "layout", "access", "web_auth", "admin", "web_admin"},
-    {"app", "server"},
-    {"cli", "cli_admin", "__main__"},
+    {"warm", "layout", "web.access_log", "web.auth", "admin.operations", "web.admin"},
+    {"web.app", "web.server"},
+    {"cli.main", "cli.admin", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.
-WEB = {"app", "access", "web_auth", "web_admin"}
+WEB = {"web.app", "web.access_log", "web.auth", "web.admin"}
 
 
 def _modules() -> dict[str, Path]:
@@ -100,7 +108,8 @@ def test_relative_imports_in_sub_packages_are_resolved() -> None:
     modules = _modules()
     known = set(modules)
     assert "singleflight" in _imports("security.users", modules["security.users"], known)
-    assert "security.users" in _imports("web_auth", modules["web_auth"], known)
+    assert "security.users" in _imports("web.auth", modules["web.auth"], known)
+    assert "storage.disk" in _imports("service", modules["service"], known)
 
 
 def test_only_the_web_layer_knows_starlette() -> None:

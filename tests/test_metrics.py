@@ -14,9 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirror.app import create_app
 from mirror.logs import configure_logging
 from mirror.manifest import OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from mirror.app import create_app
 from mirror.config import ConfigError, parse
 from mirror.manifest import OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock
 from tests.fakes import FakeRegistry
 from tests.support.htpasswd import basic, write_htpasswd

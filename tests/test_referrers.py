@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.manifest import OCI_INDEX, OCI_MANIFEST
 from mirror.reference import Digest, parse_image_reference
 from mirror.referrers import referrers_tag
 from mirror.warm import warm
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, live_server, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.referrers_registry import ReferrersRegistry

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
 from mirror.layout import export_layout, import_layout, plan_export
 from mirror.manifest import OCI_MANIFEST
 from mirror.reference import parse_image_reference
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
+from mirror.web.app import create_app
 from tests.conftest import Clock, live_server
 from tests.fakes import FakeRegistry
 from tests.support.browser import Chromium

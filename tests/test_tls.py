@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirror.config import ConfigError, parse
-from mirror.tls import CertificateFiles
+from mirror.web.tls import CertificateFiles
 from tests.support.mirror import MirrorProcess, run_cli, write_config
 from tests.support.ports import free_port
 from tests.support.tls import Issued, TestCA

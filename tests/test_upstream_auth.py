@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from mirror.app import create_app
-from mirror.auth import MAX_TOKEN_ANSWER, parse_challenges, realm_allowed
 from mirror.config import Settings, parse
+from mirror.upstream.auth import MAX_TOKEN_ANSWER, parse_challenges, realm_allowed
+from mirror.web.app import create_app
 from tests.conftest import app_client
 from tests.support.dialects import OCI_MANIFEST, BlobStorage, DialectRegistry, Stranger
 from tests.support.hosts import AppServer

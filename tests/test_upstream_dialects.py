@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings, parse
+from mirror.web.app import create_app
 from tests.conftest import app_client
 from tests.support.dialects import OCI_MANIFEST, ChallengeStyle, DialectRegistry
 from tests.support.hosts import AppServer

@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from mirror.app import create_app
 from mirror.config import Settings
 from mirror.manifest import OCI_MANIFEST
+from mirror.web.app import create_app
 from tests.conftest import Clock, app_client
 from tests.fakes import FakeRegistry
 

@@ -1,7 +1,7 @@
 """The admin operations behind ``/admin`` and ``mirror ls|inspect|purge|pin|verify``:
 what the cache holds, purging, pinning and verifying, as JSON-ready dicts.
 
-The web layer (``web_admin.py``) and the CLI on a stopped cache call the same
+The web layer (``web/admin.py``) and the CLI on a stopped cache call the same
 methods, so both print the same figures. Every change is logged (who, what, how
 much freed) and counted in ``mirror_admin_actions_total``. Synchronous: the web
 layer runs them in a thread.
@@ -17,13 +17,13 @@ from typing import Any
 
 import anyio
 
-from .config import ConfigError, parse_duration
-from .errors import ManifestUnknown, OCIError, RequestInvalid
+from ..config import ConfigError, parse_duration
+from ..errors import ManifestUnknown, OCIError, RequestInvalid
+from ..manifest import MANIFEST_TYPES
+from ..reference import parse_digest, parse_image_reference
+from ..service import PullThroughCache
 from .integrity import Progress, verify
 from .inventory import Inventory, NotCached, PurgeResult
-from .manifest import MANIFEST_TYPES
-from .reference import parse_digest, parse_image_reference
-from .service import PullThroughCache
 
 __all__ = ["Admin"]
 

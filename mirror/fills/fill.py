@@ -24,10 +24,10 @@ from pathlib import Path
 
 import anyio
 
-from .errors import DigestMismatch, OCIError, Unavailable
-from .locks import FileLock
-from .reference import Digest
-from .upstream import BlobResponse
+from ..errors import DigestMismatch, OCIError, Unavailable
+from ..reference import Digest
+from ..storage.locks import FileLock
+from ..upstream.client import BlobResponse
 
 __all__ = [
     "DiskFull",

@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ManifestInvalid, OCIError
-from .images import Descriptor, children, is_index, referenced_blobs
-from .reference import Digest, parse_digest
-from .store import Store
+from ..errors import ManifestInvalid, OCIError
+from ..images import Descriptor, children, is_index, referenced_blobs
+from ..reference import Digest, parse_digest
+from ..storage.disk import Store
 
 __all__ = [
     "BlobEntry",

@@ -13,21 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import ConfigError, Settings, UpstreamSettings, load
+from ..errors import Denied, OCIError, UpstreamRefused
+from ..logs import configure_logging
+from ..manifest import MANIFEST_TYPES
+from ..reference import ImageReference, parse_image_reference
+from ..web.tls import CertificateFiles
+
 # Nothing here imports prometheus-client (through .upstream, .metrics, .service or
 # .app) at module level: it picks its multiprocess mode when first imported, and
 # `mirror serve` must set PROMETHEUS_MULTIPROC_DIR before that.
-from .cli_admin import add_commands
-from .config import ConfigError, Settings, UpstreamSettings, load
-from .errors import Denied, OCIError, UpstreamRefused
-from .logs import configure_logging
-from .manifest import MANIFEST_TYPES
-from .reference import ImageReference, parse_image_reference
-from .tls import CertificateFiles
+from .admin import add_commands
 
 if TYPE_CHECKING:
-    from .layout import Plan
-    from .service import PullThroughCache
-    from .warm import WarmSummary
+    from ..layout import Plan
+    from ..service import PullThroughCache
+    from ..warm import WarmSummary
 
 __all__ = ["main"]
 
@@ -67,7 +68,7 @@ def _raise_open_file_limit() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import uvicorn_options
+    from ..web.server import uvicorn_options
 
     settings = _settings(args)
     try:
@@ -91,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     _prepare_multiprocess_metrics(settings)
     _raise_open_file_limit()  # before the workers start: they inherit it
     uvicorn.run(
-        "mirror.cli:app_from_environment",
+        "mirror.cli.main:app_from_environment",
         factory=True,
         host=settings.server.host,
         port=settings.server.port,
@@ -119,8 +120,8 @@ def _prepare_multiprocess_metrics(settings: Settings) -> None:
     if settings.server.metrics_address:
         from prometheus_client import start_http_server
 
-        from .metrics import Metrics
-        from .store import Store
+        from ..metrics import Metrics
+        from ..storage.disk import Store
 
         host, _, port = settings.server.metrics_address.rpartition(":")
         store = Store(settings.cache.directory, settings.cache.max_size)
@@ -129,7 +130,7 @@ def _prepare_multiprocess_metrics(settings: Settings) -> None:
 
 def app_from_environment() -> object:
     """The app factory uvicorn calls in each worker."""
-    from .app import create_app
+    from ..web.app import create_app
 
     os.umask(_UMASK)  # also when uvicorn is started on this factory by hand
     settings = load(Path(os.environ["MIRROR_CONFIG"]), os.environ)
@@ -139,7 +140,7 @@ def app_from_environment() -> object:
 
 async def _check_one(settings: UpstreamSettings) -> tuple[bool, str]:
     """One line on one upstream: reachable, authenticated, rate-limit headroom."""
-    from .upstream import Upstream
+    from ..upstream.client import Upstream
 
     upstream = Upstream(dataclasses.replace(settings, retries=0))
     who = f"as {settings.username}" if settings.username else "anonymously"
@@ -217,7 +218,7 @@ def _references(args: argparse.Namespace) -> list[ImageReference]:
 
 
 def _open_cache(args: argparse.Namespace, *, offline: bool = False) -> PullThroughCache:
-    from .service import PullThroughCache
+    from ..service import PullThroughCache
 
     settings = _settings(args)
     if offline:
@@ -235,8 +236,8 @@ def _report(failures: list[tuple[str, str]]) -> int:
 
 
 def _warm(args: argparse.Namespace) -> int:
-    from .images import parse_platform
-    from .warm import warm
+    from ..images import parse_platform
+    from ..warm import warm
 
     references = _references(args)
     try:
@@ -258,7 +259,7 @@ def _warm(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .layout import LayoutError, export_layout, plan_export
+    from ..layout import LayoutError, export_layout, plan_export
 
     references = _references(args)
     cache = _open_cache(args, offline=True)
@@ -288,7 +289,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .layout import LayoutError, import_layout
+    from ..layout import LayoutError, import_layout
 
     repository = args.repository
     cache = _open_cache(args)

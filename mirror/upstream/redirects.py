@@ -32,7 +32,7 @@ from typing import Literal
 
 import httpx
 
-from .errors import UpstreamRefused
+from ..errors import UpstreamRefused
 
 __all__ = ["AddressKind", "RedirectGuard", "address_kind"]
 

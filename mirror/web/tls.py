@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ServerSettings
+from ..config import ConfigError, ServerSettings
 
 __all__ = ["CertificateFiles", "ReloadingContext", "TLSFileError"]
 

@@ -33,11 +33,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .admin import Admin, progress_json
-from .config import ConfigError, Settings, parse_size
-from .errors import Denied, RequestInvalid, Unauthorized
-from .integrity import Progress
-from .web_auth import Gate
+from ..admin.integrity import Progress
+from ..admin.operations import Admin, progress_json
+from ..config import ConfigError, Settings, parse_size
+from ..errors import Denied, RequestInvalid, Unauthorized
+from .auth import Gate
 
 __all__ = ["AdminRoutes"]
 
@@ -114,7 +114,7 @@ class AdminRoutes:
         return JSONResponse(await anyio.to_thread.run_sync(function, *args))
 
     async def page(self, request: Request) -> Response:
-        html = resources.files("mirror").joinpath("status.html").read_text()
+        html = resources.files("mirror.web").joinpath("status.html").read_text()
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     async def status(self, request: Request) -> Response:

@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .reference import Digest, parse_digest
-from .store import Store
+from ..reference import Digest, parse_digest
+from ..storage.disk import Store
 
 __all__ = ["Progress", "verify"]
 

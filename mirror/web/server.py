@@ -17,7 +17,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .config import ServerSettings
+from ..config import ServerSettings
 
 __all__ = ["HeadTimeoutH11Protocol", "uvicorn_options"]
 

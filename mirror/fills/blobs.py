@@ -10,9 +10,9 @@ from typing import BinaryIO
 
 import anyio
 
-from .errors import Unavailable
+from ..errors import Unavailable
+from ..upstream.client import BlobResponse
 from .fill import DiskFull, Progress, follow
-from .upstream import BlobResponse
 
 __all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
 

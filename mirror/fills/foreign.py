@@ -20,10 +20,10 @@ from typing import BinaryIO
 
 import anyio
 
+from ..errors import Unavailable
+from ..reference import Digest
+from ..storage.locks import lock_is_held, read_note
 from .blobs import Blob
-from .errors import Unavailable
-from .locks import lock_is_held, read_note
-from .reference import Digest
 
 __all__ = ["FOREIGN_POLL_SECONDS", "ForeignBlob"]
 

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .errors import TooManyRequests
+from ..errors import TooManyRequests
 
 __all__ = ["FillGate"]
 

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import load
+from ..config import load
 
 if TYPE_CHECKING:
-    from .admin import Admin
+    from ..admin.operations import Admin
 
 __all__ = ["add_commands"]
 
@@ -65,9 +65,9 @@ class _Remote:
 
 
 def _local(args: argparse.Namespace) -> Admin:
-    from .admin import Admin
-    from .logs import configure_logging
-    from .service import PullThroughCache
+    from ..admin.operations import Admin
+    from ..logs import configure_logging
+    from ..service import PullThroughCache
 
     settings = load(Path(args.config_path), os.environ)
     configure_logging("warning", settings.server.log_format)
@@ -77,7 +77,7 @@ def _local(args: argparse.Namespace) -> Admin:
 def _run(
     args: argparse.Namespace, remote: Callable[[_Remote], Any], local: Callable[[Admin], Any]
 ) -> Any:
-    from .errors import OCIError
+    from ..errors import OCIError
 
     if args.url:
         client = _Remote(args)
@@ -270,7 +270,7 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .integrity import Progress
+    from ..admin.integrity import Progress
 
     def remote(client: _Remote) -> Any:
         body = client.call("POST", "/admin/verify", json={"rate": args.rate})

@@ -25,11 +25,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .access import AccessLog
-from .admin import Admin
-from .blobs import Blob
-from .config import Settings
-from .errors import (
+from ..admin.operations import Admin
+from ..config import Settings
+from ..errors import (
     BlobUnknown,
     NameUnknown,
     OCIError,
@@ -39,15 +37,17 @@ from .errors import (
     Unavailable,
     Unsupported,
 )
-from .manifest import OCI_INDEX, accepted_types
-from .metrics import CONTENT_TYPE
-from .numbers import bounded_int
-from .reference import Digest, parse_digest, requested_digest, requested_reference
-from .service import Manifest, PullThroughCache
-from .store import ORPHAN_GRACE_SECONDS
-from .upstream import Upstream
-from .web_admin import AdminRoutes
-from .web_auth import Gate
+from ..fills.blobs import Blob
+from ..manifest import OCI_INDEX, accepted_types
+from ..metrics import CONTENT_TYPE
+from ..numbers import bounded_int
+from ..reference import Digest, parse_digest, requested_digest, requested_reference
+from ..service import Manifest, PullThroughCache
+from ..storage.disk import ORPHAN_GRACE_SECONDS
+from ..upstream.client import Upstream
+from .access_log import AccessLog
+from .admin import AdminRoutes
+from .auth import Gate
 
 __all__ = ["create_app"]
 

@@ -11,7 +11,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from ..metrics import Metrics
 
 __all__ = ["AccessLog", "route_of"]
 

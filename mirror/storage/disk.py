@@ -30,11 +30,11 @@ from typing import Any, BinaryIO
 
 import diskcache
 
+from ..reference import Digest
 from .accesstimes import AccessTimes
+from .base import TagRecord
 from .locks import FileLock
 from .memo import Memo
-from .reference import Digest
-from .storage.base import TagRecord
 
 __all__ = ["ORPHAN_GRACE_SECONDS", "AdoptFile", "Store", "TagRecord"]
 
@@ -162,7 +162,7 @@ class Store:
             # Other workers share the index; wait for their writes rather than fail.
             timeout=60,
         )
-        # Keys of pinned entries (maintained by inventory.py), never culled.
+        # Keys of pinned entries (maintained by admin/inventory.py), never culled.
         self._index._sql("CREATE TABLE IF NOT EXISTS Pinned (key TEXT PRIMARY KEY)")
         self._purge_mark = directory / "purged"
         self._memo = Memo(_MEMO_BYTES, self._purge_mark)

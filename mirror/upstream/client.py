@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from .auth import RegistryAuth, parse_challenges
-from .breaker import CircuitBreaker
-from .config import UpstreamSettings
-from .errors import (
+from ..breaker import CircuitBreaker
+from ..config import UpstreamSettings
+from ..errors import (
     BlobUnknown,
     Denied,
     DigestMismatch,
@@ -35,11 +34,12 @@ from .errors import (
     Unavailable,
     UpstreamRefused,
 )
-from .manifest import MAX_MANIFEST_BYTES, manifest_media_type
-from .metrics import Metrics
-from .numbers import bounded_int
+from ..manifest import MAX_MANIFEST_BYTES, manifest_media_type
+from ..metrics import Metrics
+from ..numbers import bounded_int
+from ..reference import Digest, parse_digest
+from .auth import RegistryAuth, parse_challenges
 from .redirects import RedirectGuard
-from .reference import Digest, parse_digest
 
 __all__ = ["BlobResponse", "FetchedManifest", "ManifestHead", "ReferrersPage", "Upstream"]
 

@@ -29,14 +29,14 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .config import ConfigError, Settings
-from .errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
-from .metrics import Metrics
-from .security.limits import Buckets, Budget, Client, ClientLimits, current_client, retry_after
-from .security.rules import Authorizer
-from .security.tokens import TokenError, TokenIssuer, load_or_create_key
-from .security.users import Users
-from .upstream import Upstream
+from ..config import ConfigError, Settings
+from ..errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
+from ..metrics import Metrics
+from ..security.limits import Buckets, Budget, Client, ClientLimits, current_client, retry_after
+from ..security.rules import Authorizer
+from ..security.tokens import TokenError, TokenIssuer, load_or_create_key
+from ..security.users import Users
+from ..upstream.client import Upstream
 
 __all__ = ["Gate", "Principal"]
 

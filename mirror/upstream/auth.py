@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .errors import Unavailable, UpstreamRefused
+from ..errors import Unavailable, UpstreamRefused
 
 __all__ = ["Challenge", "RegistryAuth", "parse_challenges", "realm_allowed"]
 

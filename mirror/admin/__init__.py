@@ -1,0 +1,1 @@
+"""What the cache holds and its upkeep: inventory, purge, pin, verify."""

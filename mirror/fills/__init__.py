@@ -1,0 +1,1 @@
+"""Filling blobs from upstream while readers follow: fills, followers, download slots."""

@@ -1,0 +1,1 @@
+"""Talking to upstream registries: the v2 client, its authentication, redirect checks."""

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from .security.rules import Rule, compile_pattern
@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "ServerSettings",
     "Settings",
+    "StorageSettings",
     "UpstreamSettings",
     "load",
     "parse_duration",
@@ -130,6 +131,36 @@ class LimitSettings:
     per_user: bool = True  # and one per logged-in user
 
 
+StorageBackend = Literal["disk", "s3"]
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where the cache lives: this host's disk, or a bucket and Redis shared by replicas.
+
+    With ``backend = "s3"`` the ``[cache]`` directory and ``max_size`` are each replica's
+    hot tier, ``max_size`` here is the bucket's cap.
+    """
+
+    backend: StorageBackend = "disk"
+    endpoint: str | None = None  # the S3 API, http(s)://host[:port]
+    bucket: str | None = None
+    region: str = "us-east-1"
+    prefix: str = ""  # every object key starts with it
+    access_key: str | None = field(default=None, repr=False)  # from access_key_env
+    secret_key: str | None = field(default=None, repr=False)  # from secret_key_env
+    max_size: int | None = None  # bytes in the bucket; None: no cap
+    redirect: bool = False  # cached blob GETs answered 307 to a presigned URL
+    redirect_ttl: float = 600.0  # seconds a presigned URL is good for
+    redis_url: str | None = field(default=None, repr=False)  # from redis_url_env
+    advertise_url: str | None = None  # how the other replicas reach this one
+    peer_secret: str | None = field(default=None, repr=False)  # from peer_secret_env
+
+    @property
+    def shared(self) -> bool:
+        return self.backend != "disk"
+
+
 @dataclass(frozen=True)
 class Settings:
     upstreams: tuple[UpstreamSettings, ...]
@@ -137,6 +168,7 @@ class Settings:
     cache: CacheSettings = CacheSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitSettings = LimitSettings()
+    storage: StorageSettings = StorageSettings()
 
     @property
     def default_upstream(self) -> UpstreamSettings:
@@ -252,10 +284,7 @@ def _upstream(raw: Mapping[str, Any], key: str, environ: Mapping[str, str]) -> U
         raise ConfigError(
             f"{key}.name", f'expected a registry host such as "docker.io", got {name!r}'
         )
-    url = _str(raw.get("url"), f"{key}.url").rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
-        raise ConfigError(f"{key}.url", f"expected http(s)://host[:port], got {url!r}")
+    url = _base_url(raw.get("url"), f"{key}.url")
     credentials: dict[str, str | None] = {}
     for which in ("username", "password"):
         variable = raw.get(f"{which}_env")
@@ -343,7 +372,7 @@ def _auth_realms(raw: Mapping[str, Any], key: str, url: str) -> tuple[str, ...]:
 
 
 def _server_tls(server: ServerSettings, raw: Mapping[str, Any]) -> ServerSettings:
-    """The TLS file names; whether the files serve is checked by ``tls.py`` at start."""
+    """The TLS file names; whether the files serve is checked by ``web/tls.py`` at start."""
     paths = {
         name: Path(_str(raw[name], f"server.{name}")) if raw.get(name) else None
         for name in ("tls_certificate", "tls_key", "tls_client_ca")
@@ -369,7 +398,7 @@ def _overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if len(parts) != 2:
             continue
         section, rest = parts
-        if section in ("server", "cache", "auth", "limits"):
+        if section in ("server", "cache", "auth", "limits", "storage"):
             data.setdefault(section, {})[rest] = value
         elif section == "upstreams":
             index, _, name = rest.partition("_")
@@ -383,7 +412,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if "upstreams" in data and isinstance(data["upstreams"], list):
         data["upstreams"] = [dict(u) if isinstance(u, dict) else u for u in data["upstreams"]]
     _overrides(data, environ)
-    _check_keys(data, {"server", "cache", "upstreams", "auth", "limits"}, "")
+    _check_keys(data, {"server", "cache", "upstreams", "auth", "limits", "storage"}, "")
 
     server_raw = _table(data.get("server", {}), "server")
     _check_keys(server_raw, {f.name for f in fields(ServerSettings)}, "server.")
@@ -460,7 +489,69 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             raise ConfigError("upstreams", f"upstream name {name!r} appears more than once")
     auth = _auth(_table(data.get("auth", {}), "auth"), environ, upstreams)
     limits = _limits(_table(data.get("limits", {}), "limits"))
-    return Settings(upstreams=upstreams, server=server, cache=cache, auth=auth, limits=limits)
+    storage = _storage(_table(data.get("storage", {}), "storage"), environ)
+    return Settings(
+        upstreams=upstreams, server=server, cache=cache, auth=auth, limits=limits, storage=storage
+    )
+
+
+# The file names secrets by environment variable, with these defaults.
+_STORAGE_SECRETS = {
+    "access_key": "AWS_ACCESS_KEY_ID",
+    "secret_key": "AWS_SECRET_ACCESS_KEY",
+    "redis_url": "MIRROR_REDIS_URL",
+    "peer_secret": "MIRROR_PEER_SECRET",
+}
+_STORAGE_KEYS = {f.name for f in fields(StorageSettings)} - set(_STORAGE_SECRETS) | {
+    f"{name}_env" for name in _STORAGE_SECRETS
+}
+
+
+def _base_url(value: object, key: str) -> str:
+    url = _str(value, key).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ConfigError(key, f"expected http(s)://host[:port], got {url!r}")
+    return url
+
+
+def _storage(raw: Mapping[str, Any], environ: Mapping[str, str]) -> StorageSettings:
+    _check_keys(raw, _STORAGE_KEYS, "storage.")
+    backend = raw.get("backend", StorageSettings.backend)
+    if backend not in ("disk", "s3"):
+        raise ConfigError("storage.backend", f'expected "disk" or "s3", got {backend!r}')
+    if backend == "disk":
+        return StorageSettings()
+    secrets: dict[str, str] = {}
+    for name, default in _STORAGE_SECRETS.items():
+        variable = _str(raw.get(f"{name}_env", default), f"storage.{name}_env")
+        value = environ.get(variable)
+        if not value:
+            raise ConfigError(
+                f"storage.{name}_env", f"the environment variable {variable} is unset"
+            )
+        secrets[name] = value
+    if len(secrets["peer_secret"]) < 32:
+        raise ConfigError("storage.peer_secret_env", "the peer secret needs 32+ characters")
+    if urlsplit(secrets["redis_url"]).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("storage.redis_url_env", "expected a redis://, rediss:// or unix:// URL")
+    if "advertise_url" not in raw:
+        raise ConfigError("storage.advertise_url", "required: how other replicas reach this one")
+    max_size = raw.get("max_size")
+    return StorageSettings(
+        backend="s3",
+        endpoint=_base_url(raw.get("endpoint"), "storage.endpoint"),
+        bucket=_str(raw.get("bucket"), "storage.bucket"),
+        region=_str(raw.get("region", StorageSettings.region), "storage.region"),
+        prefix=str(raw.get("prefix", "")),
+        max_size=None if max_size is None else parse_size(max_size, "storage.max_size"),
+        redirect=_bool(raw.get("redirect", False), "storage.redirect"),
+        redirect_ttl=parse_duration(
+            raw.get("redirect_ttl", StorageSettings.redirect_ttl), "storage.redirect_ttl"
+        ),
+        advertise_url=_base_url(raw["advertise_url"], "storage.advertise_url"),
+        **secrets,
+    )
 
 
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d*(?:\.\d+)?)\s*([a-z]*)\s*")

@@ -63,6 +63,65 @@ def test_bad_config_names_the_key_and_the_reason(
     assert reason in str(caught.value)
 
 
+REPLICA = {
+    "backend": "s3",
+    "endpoint": "http://127.0.0.1:8333",
+    "bucket": "mirror",
+    "advertise_url": "http://10.0.0.5:5000",
+}
+REPLICA_ENV = {
+    "AWS_ACCESS_KEY_ID": "key",
+    "AWS_SECRET_ACCESS_KEY": "bucket-secret",
+    "MIRROR_REDIS_URL": "redis://:redis-secret@127.0.0.1:6379/0",
+    "MIRROR_PEER_SECRET": "p" * 32,
+}
+
+
+def test_replica_storage_reads_its_secrets_from_the_environment() -> None:
+    environ = {**REPLICA_ENV, "MIRROR_STORAGE_ADVERTISE_URL": "http://10.0.0.6:5000"}
+    settings = parse({"upstreams": [UPSTREAM], "storage": REPLICA}, environ)
+    storage = settings.storage
+    assert storage.shared and storage.bucket == "mirror" and storage.access_key == "key"
+    assert storage.advertise_url == "http://10.0.0.6:5000"  # per replica, from its environment
+    assert storage.max_size is None and not storage.redirect
+    for secret in ("bucket-secret", "redis-secret", "p" * 32):
+        assert secret not in repr(settings)
+    assert not parse({"upstreams": [UPSTREAM]}, {}).storage.shared
+
+
+@pytest.mark.parametrize(
+    ("storage", "environ", "key", "reason"),
+    [
+        ({**REPLICA, "backend": "nfs"}, REPLICA_ENV, "storage.backend", "s3"),
+        (REPLICA, {**REPLICA_ENV, "AWS_ACCESS_KEY_ID": ""}, "storage.access_key_env", "unset"),
+        (REPLICA, {**REPLICA_ENV, "MIRROR_PEER_SECRET": "short"}, "storage.peer_secret_env", "32"),
+        (
+            REPLICA,
+            {**REPLICA_ENV, "MIRROR_REDIS_URL": "http://x"},
+            "storage.redis_url_env",
+            "redis",
+        ),
+        ({**REPLICA, "endpoint": "s3.example"}, REPLICA_ENV, "storage.endpoint", "http(s)"),
+        ({**REPLICA, "bucket": ""}, REPLICA_ENV, "storage.bucket", "non-empty"),
+        ({**REPLICA, "max_size": "big"}, REPLICA_ENV, "storage.max_size", "size"),
+        ({**REPLICA, "secret_key": "x"}, REPLICA_ENV, "storage.secret_key", "unknown key"),
+        (
+            {k: v for k, v in REPLICA.items() if k != "advertise_url"},
+            REPLICA_ENV,
+            "storage.advertise_url",
+            "required",
+        ),
+    ],
+)
+def test_bad_replica_storage_names_the_key(
+    storage: dict[str, object], environ: dict[str, str], key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse({"upstreams": [UPSTREAM], "storage": storage}, environ)
+    assert caught.value.key == key
+    assert reason in str(caught.value)
+
+
 def test_sizes_and_durations() -> None:
     assert parse_size("50GiB", "k") == 50 * 1024**3
     assert parse_size("500MB", "k") == 500 * 1000**2

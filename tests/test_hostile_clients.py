@@ -37,7 +37,12 @@ async def test_half_sent_heads_are_closed_and_others_are_served(tmp_path: Path) 
                 await writer.drain()
             assert (await client.get("/healthz")).status_code == 200  # served meanwhile
             for reader, writer in slow:
-                assert await reader.read() == b""  # the server hung up on it
+                # The server hung up on it: a clean close, or a reset when the close
+                # found the head's bytes still unread in the socket.
+                try:
+                    assert await reader.read() == b""
+                except ConnectionResetError:
+                    pass
                 writer.close()
                 await writer.wait_closed()
             assert (await client.get("/healthz")).status_code == 200

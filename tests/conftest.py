@@ -18,6 +18,7 @@ from tests.fakes import TOKEN_REALM, FakeRegistry
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess
 from tests.support.registry import UpstreamRegistry
+from tests.support.seaweed import S3Endpoint, SeaweedS3
 
 
 @pytest.fixture
@@ -156,6 +157,13 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededUpstream]
         registry.push_image(multi, "library/multi:1")
         registry.push_image(large, "library/large:1")
         yield SeededUpstream(registry, single, docker, multi, large)
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[S3Endpoint]:
+    """One SeaweedFS S3 server for the session (tests keep apart by key prefix)."""
+    with SeaweedS3() as server:
+        yield server.endpoint
 
 
 async def fills_settled(client: httpx.AsyncClient) -> None:

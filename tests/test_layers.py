@@ -31,6 +31,7 @@ LAYERS = [
         "upstream.redirects",
         "storage.memo",
         "storage.disk",
+        "storage.s3",
         "security.users",
         "security.tokens",
         "security.limits",

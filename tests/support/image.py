@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import threading
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def base_rootfs() -> Path:
 
 
 def wheels_dir() -> Path:
-    path = IMAGE_CACHE / "wheels"
+    """The wheels of this checkout's dependencies (one directory per set of them)."""
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    # As scripts/install names it: what Python prints for the two lists, hashed.
+    printed = f"{project['build-system']['requires']} {project['project']['dependencies']}\n"
+    path = IMAGE_CACHE / f"wheels-{hashlib.sha256(printed.encode()).hexdigest()}"
     if not any(path.glob("*.whl")):
         raise FileNotFoundError(f"no wheels in {path}: run `scripts/install test` (it fills it)")
     return path

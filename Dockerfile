@@ -18,8 +18,12 @@ RUN python3 -m venv /opt/mirror
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mirror ./mirror
+# botocore (the S3 back end's client) ships models of every AWS service, 27 MB; the
+# mirror needs S3's, and STS's for credentials from an assumed role (EKS, IRSA).
 RUN /opt/mirror/bin/pip install . \
-    && /opt/mirror/bin/pip uninstall --yes pip setuptools
+    && /opt/mirror/bin/pip uninstall --yes pip setuptools \
+    && find /opt/mirror/lib/python3*/site-packages/botocore/data -mindepth 1 -maxdepth 1 \
+        -type d ! -name s3 ! -name sts -exec rm -rf {} +
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 mirror \

@@ -31,6 +31,8 @@ LAYERS = [
         "upstream.redirects",
         "storage.memo",
         "storage.disk",
+        "storage.redis",
+        "storage.disk_records",
         "security.users",
         "security.tokens",
         "security.limits",

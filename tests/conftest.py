@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from mirror.config import Settings, parse
+from mirror.storage.redis import RedisSettings
 from mirror.web.app import create_app
 from tests.fakes import TOKEN_REALM, FakeRegistry
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess
+from tests.support.redis import RedisServer
 from tests.support.registry import UpstreamRegistry
 from tests.support.seaweed import S3Endpoint, SeaweedS3
 
@@ -164,6 +167,18 @@ def seaweed() -> Iterator[S3Endpoint]:
     """One SeaweedFS S3 server for the session (tests keep apart by key prefix)."""
     with SeaweedS3() as server:
         yield server.endpoint
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix (``redis_settings``)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_settings(redis_server: RedisServer) -> RedisSettings:
+    return RedisSettings(redis_server.url, prefix=f"test-{uuid.uuid4().hex}:")
 
 
 async def fills_settled(client: httpx.AsyncClient) -> None:

@@ -32,6 +32,8 @@ LAYERS = [
         "storage.memo",
         "storage.disk",
         "storage.s3",
+        "storage.redis",
+        "storage.disk_records",
         "security.users",
         "security.tokens",
         "security.limits",

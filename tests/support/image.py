@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import threading
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -52,11 +51,10 @@ def base_rootfs() -> Path:
 
 
 def wheels_dir() -> Path:
-    """The wheels of this checkout's dependencies (one directory per set of them)."""
-    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    # As scripts/install names it: what Python prints for the two lists, hashed.
-    printed = f"{project['build-system']['requires']} {project['project']['dependencies']}\n"
-    path = IMAGE_CACHE / f"wheels-{hashlib.sha256(printed.encode()).hexdigest()}"
+    """The wheels of this checkout's dependencies (one directory per set of them), as
+    ``scripts/install test`` last made or found them for this checkout."""
+    note = Path(__file__).parents[2] / ".venv" / "image-wheels"
+    path = Path(note.read_text().strip()) if note.exists() else IMAGE_CACHE / "wheels-unknown"
     if not any(path.glob("*.whl")):
         raise FileNotFoundError(f"no wheels in {path}: run `scripts/install test` (it fills it)")
     return path

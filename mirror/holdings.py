@@ -14,6 +14,11 @@ the LRU while its blob stays would turn a hit into a refusal offline. A record
 costs about 200 bytes; records of evicted content stay true (the repository does
 hold the digest) and cost nothing but that room. An in-memory LRU in front
 answers the warm hot path without SQLite.
+
+Replicas share the records in Redis: what one replica saw, the others need not
+confirm again. The local records stay in front (records are only ever added, so a
+local one is as good as Redis's) and take every write too: when Redis cannot be
+reached, a replica goes on with what it knows, confirming the rest upstream.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -34,7 +39,9 @@ from .errors import BlobUnknown, Denied, ManifestUnknown, OCIError
 from .manifest import MANIFEST_TYPES
 from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
+from .storage.base import StorageError
 from .storage.disk import Store
+from .storage.redis import RedisRecords
 from .upstream.client import Upstream
 
 __all__ = ["Holdings", "Kind", "references"]
@@ -196,8 +203,10 @@ class Holdings:
         offline: bool,
         before_upstream: Callable[[], None] = lambda: None,
         memory_entries: int = _MEMORY_ENTRIES,
+        shared: RedisRecords | None = None,
     ) -> None:
         self._records = _Records(store.directory / "holdings", memory_entries)
+        self._shared = shared
         self._offline = offline
         self._before_upstream = before_upstream  # the client's upstream budget; may refuse
         self._confirmations: SingleFlight[None] = SingleFlight()
@@ -228,6 +237,9 @@ class Holdings:
             return
         if await anyio.to_thread.run_sync(self._records.holds, name, repository, digest):
             return
+        if await self._shared_holds(name, repository, digest):
+            await self._write(self._records.record, name, repository, digest)
+            return
         unknown = _UNKNOWN[kind]
         if self._offline:
             raise unknown(f"{kind} {digest} is not known in {repository} and the mirror is offline")
@@ -256,6 +268,8 @@ class Holdings:
         """The upstream served (or confirmed) the digest under the repository."""
         if not self._records.known(upstream, repository, digest):
             await self._write(self._records.record, upstream, repository, digest)
+            if self._shared is not None:
+                await self._share(self._shared.note_holding(upstream, repository, digest))
 
     async def note_manifest(
         self, upstream: str, repository: str, digest: Digest, body: bytes
@@ -263,12 +277,30 @@ class Holdings:
         """The repository holds this manifest, so it holds what the manifest references."""
         if not self._records.expanded(upstream, repository, digest):
             await self._write(self._records.record_manifest, upstream, repository, digest, body)
+            if self._shared is not None:
+                manifests, blobs = references(body)
+                noted = self._shared.note_manifest(upstream, repository, digest, manifests + blobs)
+                await self._share(noted)
 
     def note_manifest_now(
         self, upstream: str, repository: str, digest: Digest, body: bytes
     ) -> None:
         """``note_manifest`` for callers already off the event loop (``mirror import``)."""
         self._records.record_manifest(upstream, repository, digest, body)
+
+    async def _shared_holds(self, upstream: str, repository: str, digest: Digest) -> bool:
+        if self._shared is None:
+            return False
+        try:
+            return await self._shared.holds(upstream, repository, digest)
+        except StorageError:  # Redis logs its outage: confirm upstream meanwhile
+            return False
+
+    async def _share(self, write: Awaitable[None]) -> None:
+        try:
+            await write
+        except StorageError:  # the other replicas confirm it themselves
+            pass
 
     async def _write(self, function: Callable[..., None], *args: object) -> None:
         # A record lost to a disk failure costs one confirmation later, not a refusal.

@@ -163,6 +163,18 @@ class Metrics:
             "Bytes deleted from the cache by admin purges and verify.",
             registry=r,
         )
+        self.shared_failures = Counter(
+            "mirror_shared_storage_failures_total",
+            "Calls to what replicas share that failed and were done without it, by part "
+            "(bucket: served from the hot tier or upstream; redis: this replica's records).",
+            ["part"],
+            registry=r,
+        )
+        self.bucket_evictions = Counter(
+            "mirror_bucket_evictions_total",
+            "Objects deleted from the shared bucket to keep it under storage.max_size.",
+            registry=r,
+        )
         if self._multiprocess_dir is None:
             self.registry.register(_CacheCollector(facts))
 

@@ -22,13 +22,11 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import anyio
-
 from .errors import ManifestInvalid, ManifestUnknown, TooManyRequests, Unavailable
 from .manifest import MAX_MANIFEST_BYTES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest
-from .storage.disk import Store
+from .storage.base import MetadataStore
 from .upstream.client import Upstream
 
 __all__ = ["ReferrersAnswer", "ReferrersCache", "index_body", "referrers_of", "referrers_tag"]
@@ -76,7 +74,7 @@ class ReferrersCache:
 
     def __init__(
         self,
-        store: Store,
+        records: MetadataStore,
         metrics: Metrics,
         read_tag: TagReader,
         *,
@@ -84,7 +82,7 @@ class ReferrersCache:
         offline: bool,
         now: Callable[[], float],
     ) -> None:
-        self._store = store
+        self._records = records
         self._metrics = metrics
         self._read_tag = read_tag
         self._before_upstream = before_upstream  # the client's upstream budget; may refuse
@@ -103,9 +101,7 @@ class ReferrersCache:
         return ReferrersAnswer(index_body(kept), kept, "artifactType", result)
 
     async def _get(self, upstream: Upstream, repository: str, digest: Digest) -> tuple[bytes, str]:
-        record = await anyio.to_thread.run_sync(
-            self._store.get_referrers, upstream.name, repository, digest
-        )
+        record = await self._records.get_referrers(upstream.name, repository, digest)
         if record is not None:
             body, checked_at = record
             if self._offline or 0 <= self._now() - checked_at < upstream.settings.tag_ttl:
@@ -122,9 +118,7 @@ class ReferrersCache:
                 "upstream %s failed (%s); serving stale referrers of %s", upstream.name, exc, digest
             )
             return record[0], "stale"
-        await anyio.to_thread.run_sync(
-            self._store.put_referrers, upstream.name, repository, digest, body
-        )
+        await self._records.put_referrers(upstream.name, repository, digest, body)
         return body, "miss"
 
     async def _fetch(self, upstream: Upstream, repository: str, digest: Digest) -> bytes:

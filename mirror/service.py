@@ -46,9 +46,12 @@ from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
 from .referrers import ReferrersAnswer, ReferrersCache
+from .replicas.records import ReplicaRecords
+from .replicas.shared import Shared
 from .singleflight import SingleFlight
-from .storage.base import TagRecord
+from .storage.base import MetadataStore, StorageError, TagRecord
 from .storage.disk import Store
+from .storage.disk_records import DiskRecords
 from .storage.locks import FileLock, lock_is_held
 from .upstream.client import BlobResponse, FetchedManifest, Upstream
 
@@ -84,8 +87,16 @@ class PullThroughCache:
         metrics: Metrics,
         offline: bool = False,
         now: Callable[[], float] = time.time,
+        shared: Shared | None = None,
     ) -> None:
         self.store = store
+        # Replicas: the bucket and Redis every replica shares; None on a single host.
+        self.shared = shared
+        self.records: MetadataStore = DiskRecords(store)
+        self._recent_tag = store.memo_tag  # a tag record from memory, without I/O
+        if shared is not None:
+            replica = ReplicaRecords(shared, self.records, now=now)
+            self.records, self._recent_tag = replica, replica.memo_tag
         self.metrics = metrics
         self.upstreams: Mapping[str, Upstream] = {u.name: u for u in upstreams}
         self.default_upstream = upstreams[0]
@@ -107,7 +118,7 @@ class PullThroughCache:
         # layer's per-client budget). The policy stays here, the budget there.
         self.before_upstream: Callable[[], None] = lambda: None
         self.referrers = ReferrersCache(
-            store,
+            self.records,
             metrics,
             self._referrers_tag,
             before_upstream=lambda: self.before_upstream(),
@@ -115,7 +126,10 @@ class PullThroughCache:
             now=now,
         )
         self.holdings = Holdings(
-            store, offline=offline, before_upstream=lambda: self.before_upstream()
+            store,
+            offline=offline,
+            before_upstream=lambda: self.before_upstream(),
+            shared=shared.records if shared is not None else None,
         )
 
     @classmethod
@@ -131,7 +145,17 @@ class PullThroughCache:
         store = Store(settings.cache.directory, settings.cache.max_size, **clock)
         metrics = Metrics(store.facts)
         upstreams = [Upstream(u, transport, metrics=metrics, **clock) for u in settings.upstreams]
-        cache = cls(store, upstreams, metrics=metrics, offline=settings.cache.offline, **clock)
+        shared = None
+        if settings.storage.shared:
+            shared = Shared.from_settings(settings.storage, metrics, **clock)
+        cache = cls(
+            store,
+            upstreams,
+            metrics=metrics,
+            offline=settings.cache.offline,
+            shared=shared,
+            **clock,
+        )
         cache.max_cached_blob = int(settings.cache.max_size * settings.cache.max_blob_share)
         return cache
 
@@ -150,6 +174,8 @@ class PullThroughCache:
         await self.holdings.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
 
     async def _disk(self, function: Callable[..., T], *args: object) -> T:
         return await anyio.to_thread.run_sync(function, *args)
@@ -220,9 +246,7 @@ class PullThroughCache:
     async def _manifest_by_digest(
         self, upstream: Upstream, repository: str, digest: Digest, accept: tuple[str, ...]
     ) -> Manifest:
-        cached = self.store.memo_manifest(digest) or await self._disk(
-            self.store.get_manifest, digest
-        )
+        cached = await self._cached_manifest(digest)
         if cached is not None:
             await self.holdings.check(upstream, repository, digest, "manifest")
             return Manifest(cached[1], cached[0], digest, "hit")
@@ -235,22 +259,18 @@ class PullThroughCache:
     async def _manifest_by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
-        record = self._memo_tag(upstream, repository, tag, accept) or await self._disk(
-            self.store.get_tag, upstream.name, repository, tag, accept
+        record = self._memo_tag(upstream, repository, tag, accept) or await self.records.get_tag(
+            upstream.name, repository, tag, accept
         )
         if record is None and accept != MANIFEST_TYPES:
             # What the tag is for a client that accepts everything holds for this one
             # too, when it accepts that type (warm and import record only that).
-            general = await self._disk(
-                self.store.get_tag, upstream.name, repository, tag, MANIFEST_TYPES
-            )
+            general = await self.records.get_tag(upstream.name, repository, tag, MANIFEST_TYPES)
             if general is not None and general.media_type in accept:
                 record = general
         cached = None
         if record is not None:
-            cached = self.store.memo_manifest(record.digest) or await self._disk(
-                self.store.get_manifest, record.digest
-            )
+            cached = await self._cached_manifest(record.digest)
         if record is not None and cached is not None:
             media_type, body = cached
             age = self._now() - record.checked_at
@@ -259,7 +279,7 @@ class PullThroughCache:
         if self.offline:
             raise self._offline_error(ManifestUnknown, f"manifest {repository}:{tag}")
         missing_key = f"{upstream.name}/{repository}:{tag}|{','.join(accept)}"
-        if await self._disk(self.store.is_missing, missing_key):
+        if await self.records.is_missing(missing_key):
             self.metrics.cache_results.labels("manifest", "negative_hit").inc()
             raise ManifestUnknown(f"manifest {repository}:{tag} is unknown upstream (remembered)")
         try:
@@ -268,7 +288,7 @@ class PullThroughCache:
                 return await self._revalidate(upstream, repository, tag, accept, record, cached)
             fetched, joined = await self._fetch_manifest(upstream, repository, tag, accept)
         except ManifestUnknown:
-            await self._disk(self.store.put_missing, missing_key, upstream.settings.negative_ttl)
+            await self.records.put_missing(missing_key, upstream.settings.negative_ttl)
             raise
         except _STALE_ON as exc:
             if record is None or cached is None:
@@ -287,10 +307,10 @@ class PullThroughCache:
         """The newest record in memory that answers this ``Accept``: its own, or what the
         tag is for a client that accepts everything, when it is of an accepted type. Any
         variant of ``Accept`` (one type, another order) is then a hit without the index."""
-        own = self.store.memo_tag(upstream.name, repository, tag, accept)
+        own = self._recent_tag(upstream.name, repository, tag, accept)
         if accept == MANIFEST_TYPES:
             return own
-        general = self.store.memo_tag(upstream.name, repository, tag, MANIFEST_TYPES)
+        general = self._recent_tag(upstream.name, repository, tag, MANIFEST_TYPES)
         if general is None or general.media_type not in accept:
             return own
         if own is None or general.checked_at > own.checked_at:
@@ -323,14 +343,8 @@ class PullThroughCache:
         async def refresh() -> Manifest:
             head = await upstream.head_manifest(repository, tag, accept)
             if head.digest == record.digest:
-                await self._disk(
-                    self.store.put_tag,
-                    upstream.name,
-                    repository,
-                    tag,
-                    accept,
-                    record.digest,
-                    media_type,
+                await self.records.put_tag(
+                    upstream.name, repository, tag, accept, record.digest, media_type
                 )
                 return Manifest(body, media_type, record.digest, "revalidated")
             fetched, _ = await self._fetch_manifest(upstream, repository, tag, accept)
@@ -357,18 +371,35 @@ class PullThroughCache:
             except DigestMismatch:
                 self.metrics.digest_mismatches.labels("manifest").inc()
                 raise
-            try:
-                await self._disk(
-                    self._remember_manifest, upstream, repository, reference, accept, fetched
-                )
-            except (OSError, sqlite3.Error) as exc:
-                report_disk_failure(exc, f"manifest {fetched.digest}")  # served, not cached
+            await self._remember_manifest(upstream, repository, reference, accept, fetched)
             return fetched
 
         key = (upstream.name, repository, str(reference), accept)
         return await self._manifests.do(key, fetch)
 
-    def _remember_manifest(
+    async def _cached_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """A verified manifest from memory, this host's disk, or the shared bucket
+        (copied to the disk then); None when none has it."""
+        cached = self.store.memo_manifest(digest) or await self._disk(
+            self.store.get_manifest, digest
+        )
+        if self.shared is None:
+            return cached
+        if cached is not None:
+            self.shared.uses.touch(str(digest))  # a use of the bucket's copy too
+            return cached
+        manifest = await self.shared.get_manifest(digest)
+        if manifest is not None:
+            await self._keep_manifest(digest, *manifest)
+        return manifest
+
+    async def _keep_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        try:
+            self._evicted(await self._disk(self.store.put_manifest, digest, media_type, body))
+        except (OSError, sqlite3.Error) as exc:
+            report_disk_failure(exc, f"manifest {digest}")  # served, not cached
+
+    async def _remember_manifest(
         self,
         upstream: Upstream,
         repository: str,
@@ -376,12 +407,17 @@ class PullThroughCache:
         accept: tuple[str, ...],
         fetched: FetchedManifest,
     ) -> None:
-        self._evicted(self.store.put_manifest(fetched.digest, fetched.media_type, fetched.body))
-        if not isinstance(reference, Digest):
-            self.store.put_tag(
-                upstream.name, repository, reference, accept, fetched.digest, fetched.media_type
-            )
-        self.store.add_repository(self.catalog_name(upstream, repository))
+        await self._keep_manifest(fetched.digest, fetched.media_type, fetched.body)
+        if self.shared is not None:
+            await self.shared.put_manifest(fetched.digest, fetched.media_type, fetched.body)
+        try:
+            if not isinstance(reference, Digest):
+                await self.records.put_tag(
+                    upstream.name, repository, reference, accept, fetched.digest, fetched.media_type
+                )
+            await self.records.add_repository(self.catalog_name(upstream, repository))
+        except StorageError as exc:
+            log.error("could not record manifest %s: %s", fetched.digest, exc)  # served
 
     def _evicted(self, count: int) -> None:
         if count:
@@ -394,6 +430,8 @@ class PullThroughCache:
         """The blob's bytes: from disk, or streamed from the one fill of this digest."""
         blob = await self._get_blob(upstream, repository, digest)
         self.metrics.cache_results.labels("blob", blob.result).inc()
+        if self.shared is not None and blob.result == "hit":
+            self.shared.uses.touch(str(digest))  # a use of the bucket's copy too
         return blob
 
     async def _get_blob(
@@ -550,6 +588,19 @@ class PullThroughCache:
             raise
         return FollowedBlob(fill, fd, result, source)
 
+    async def blob_redirect(
+        self, upstream: Upstream, repository: str, digest: Digest
+    ) -> str | None:
+        """A presigned URL of the blob in the bucket, for a client to fetch it from there
+        (``storage.redirect``), after the checks of a hit; None: answer it here."""
+        if self.shared is None or not self.shared.settings.redirect:
+            return None
+        url = await self.shared.redirect_url(digest)
+        if url is not None:
+            await self.holdings.check(upstream, repository, digest, "blob")
+            self.metrics.cache_results.labels("blob", "redirect").inc()
+        return url
+
     async def _follow_foreign(self, upstream: Upstream, repository: str, digest: Digest) -> Blob:
         lock_path = self.store.lock_path(digest)
         while True:
@@ -607,9 +658,7 @@ class PullThroughCache:
 
             async def fetch() -> list[str]:
                 tags = sorted(await upstream.get_tags(repository))
-                self._evicted(
-                    await self._disk(self.store.put_tag_list, upstream.name, repository, tags)
-                )
+                await self.records.put_tag_list(upstream.name, repository, tags)
                 return tags
 
             try:
@@ -624,7 +673,7 @@ class PullThroughCache:
                 )
             else:
                 return tags
-        cached = await self._disk(self.store.get_tag_list, upstream.name, repository)
+        cached = await self.records.get_tag_list(upstream.name, repository)
         if cached is None:
             if self.offline:
                 raise self._offline_error(NameUnknown, f"tag list of {repository}")
@@ -647,16 +696,11 @@ class PullThroughCache:
     async def catalog(
         self, n: int, last: str | None, visible: Callable[[str], bool] | None = None
     ) -> list[str]:
-        def page() -> list[str]:
-            names: list[str] = []
-            for name in self.store.repositories():
-                if last is not None and name <= last:
-                    continue
-                if visible is not None and not visible(name):
-                    continue
-                names.append(name)
-                if len(names) >= n:
-                    break
-            return names
-
-        return await self._disk(page)
+        names: list[str] = []
+        while len(names) < n:
+            page = await self.records.repositories(last, n)
+            names.extend(name for name in page if visible is None or visible(name))
+            if len(page) < n:
+                break
+            last = page[-1]
+        return names[:n]

@@ -42,6 +42,7 @@ from ..manifest import OCI_INDEX, accepted_types
 from ..metrics import CONTENT_TYPE
 from ..numbers import bounded_int
 from ..reference import Digest, parse_digest, requested_digest, requested_reference
+from ..replicas.eviction import BucketEvictor
 from ..service import Manifest, PullThroughCache
 from ..storage.disk import ORPHAN_GRACE_SECONDS
 from ..upstream.client import Upstream
@@ -308,6 +309,11 @@ def create_app(
             if size is None:  # unknown: say nothing rather than Starlette's "0"
                 del response.headers["content-length"]
             return response
+        if settings.storage.redirect and "range" not in request.headers:
+            url = await cache.blob_redirect(upstream, repository, digest)
+            if url is not None:
+                request.state.cache_result = "redirect"
+                return Response(status_code=307, headers={"Location": url})
         found = await cache.get_blob(upstream, repository, digest)
         request.state.cache_result = found.result
         if found.size is None and request.scope.get("http_version") == "1.0":
@@ -359,7 +365,14 @@ def create_app(
         return PlainTextResponse("ok\n")
 
     async def readyz(request: Request) -> Response:
-        if await anyio.to_thread.run_sync(store.writable):
+        writable = await anyio.to_thread.run_sync(store.writable)
+        if cache.shared is not None:
+            # Ready while the hot tier works: without the bucket or Redis a replica
+            # still serves (hot tier, upstream); the answer says which part is down.
+            parts: dict[str, str] = {"cache": "ok" if writable else "down"}
+            parts.update(await cache.shared.health())
+            return JSONResponse(parts, status_code=200 if writable else 503)
+        if writable:
             return PlainTextResponse("ready\n")
         return PlainTextResponse("cache directory not writable or index unreadable\n", 503)
 
@@ -376,10 +389,18 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.clean_temp()
         sweeper = asyncio.ensure_future(sweep_orphans())
+        evictor = None
+        if cache.shared is not None:
+            await cache.shared.start()
+            if settings.storage.max_size is not None:
+                bucket = BucketEvictor(cache.shared, settings.storage.max_size)
+                evictor = asyncio.ensure_future(bucket.run())
         try:
             yield
         finally:
             sweeper.cancel()
+            if evictor is not None:
+                evictor.cancel()
             metrics.worker_exiting()
             await admin.aclose()
             await anyio.to_thread.run_sync(inventory.flush_pulls)

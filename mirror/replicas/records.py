@@ -1,0 +1,146 @@
+"""The records a replica consults: Redis, shared by every replica, so that all of
+them give one answer for a tag; this host's disk records when Redis fails.
+
+Tag records read from Redis are trusted from memory for about a second, as workers
+on one host trust the shared index's: the bound on replicas disagreeing about a tag,
+for a Redis read per tag per replica per second on the warm path.
+
+Every write goes to Redis and to the local records (a thread hop, on misses and
+revalidations only), so that when Redis cannot be reached the replica goes on from
+what it last knew: it serves and fills on its own (duplicate upstream fetches are
+then possible, and counted), logs the outage once, and reads Redis again as soon as
+it answers (the Redis client's breaker decides when to try).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ..reference import Digest
+from ..storage.base import MetadataStore, StorageError, TagRecord
+from ..storage.memo import Memo
+from .shared import Shared
+
+__all__ = ["ReplicaRecords"]
+
+log = logging.getLogger("mirror.replicas")
+
+T = TypeVar("T")
+
+# How long a tag record read from Redis is answered from memory.
+TAG_MEMO_SECONDS = 1.0
+_MEMO_ENTRIES = 65_536
+
+
+class ReplicaRecords:
+    """``MetadataStore`` over the replicas' Redis with this host's records (``local``)
+    as the fallback and write-through copy."""
+
+    def __init__(
+        self, shared: Shared, local: MetadataStore, *, now: Callable[[], float] = time.time
+    ) -> None:
+        self._shared = shared
+        self.local = local
+        self._now = now
+        self._memo = Memo(_MEMO_ENTRIES)
+
+    # the fallback
+
+    async def _read(self, read: Callable[[MetadataStore], Awaitable[T]]) -> T:
+        try:
+            value = await read(self._shared.records)
+        except StorageError as exc:
+            self._shared.failed("redis", exc)
+            return await read(self.local)
+        self._shared.answered("redis")
+        return value
+
+    async def _write(self, write: Callable[[MetadataStore], Awaitable[None]]) -> None:
+        try:
+            await write(self._shared.records)
+        except StorageError as exc:
+            self._shared.failed("redis", exc)
+        else:
+            self._shared.answered("redis")
+        try:
+            await write(self.local)
+        except StorageError as exc:  # a copy for outages: its loss costs a refetch then
+            log.warning("could not copy a record to the local cache: %s", exc)
+
+    # tags
+
+    def memo_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        """A tag record from memory only, read or written within the last second."""
+        memo = self._memo.get(_tag_key(upstream, repository, tag, accept))
+        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS:
+            record: TagRecord = memo[0]
+            return record
+        return None
+
+    def _remember(self, key: str, record: TagRecord) -> None:
+        self._memo.put(key, (record, self._now()))
+
+    async def get_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        record = self.memo_tag(upstream, repository, tag, accept)
+        if record is not None:
+            return record
+        record = await self._read(lambda s: s.get_tag(upstream, repository, tag, accept))
+        if record is not None:
+            self._remember(_tag_key(upstream, repository, tag, accept), record)
+        return record
+
+    async def put_tag(
+        self,
+        upstream: str,
+        repository: str,
+        tag: str,
+        accept: tuple[str, ...],
+        digest: Digest,
+        media_type: str,
+    ) -> None:
+        await self._write(
+            lambda s: s.put_tag(upstream, repository, tag, accept, digest, media_type)
+        )
+        record = TagRecord(digest, media_type, self._now())
+        self._remember(_tag_key(upstream, repository, tag, accept), record)
+
+    # the rest, as they are
+
+    async def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
+        return await self._read(lambda s: s.get_tag_list(upstream, repository))
+
+    async def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> None:
+        await self._write(lambda s: s.put_tag_list(upstream, repository, tags))
+
+    async def get_referrers(
+        self, upstream: str, repository: str, digest: Digest
+    ) -> tuple[bytes, float] | None:
+        return await self._read(lambda s: s.get_referrers(upstream, repository, digest))
+
+    async def put_referrers(
+        self, upstream: str, repository: str, digest: Digest, body: bytes
+    ) -> None:
+        await self._write(lambda s: s.put_referrers(upstream, repository, digest, body))
+
+    async def put_missing(self, key: str, ttl: float) -> None:
+        await self._write(lambda s: s.put_missing(key, ttl))
+
+    async def is_missing(self, key: str) -> bool:
+        return await self._read(lambda s: s.is_missing(key))
+
+    async def add_repository(self, name: str) -> None:
+        await self._write(lambda s: s.add_repository(name))
+
+    async def repositories(self, after: str | None, limit: int) -> list[str]:
+        return await self._read(lambda s: s.repositories(after, limit))
+
+
+def _tag_key(upstream: str, repository: str, tag: str, accept: tuple[str, ...]) -> str:
+    return f"{upstream}/{repository}:{tag}|{','.join(accept)}"

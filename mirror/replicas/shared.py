@@ -1,0 +1,160 @@
+"""What replicas share: the bucket (blobs and manifests) and Redis (records, leases,
+uses), built once from ``[storage]``, and how this replica fares with each.
+
+Neither is needed to serve: a replica whose bucket fails serves its hot tier and
+passes misses through from the upstream, unstored; one whose Redis fails uses its
+own records. Each outage is logged once, counted, and shown by ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from ..config import StorageSettings
+from ..metrics import Metrics
+from ..reference import Digest
+from ..storage.base import StorageError
+from ..storage.redis import RedisRecords, RedisSettings
+from ..storage.s3 import S3Objects, S3Settings
+from .uses import BucketUses
+
+__all__ = ["Health", "Shared"]
+
+log = logging.getLogger("mirror.replicas")
+
+Health = Literal["ok", "down"]
+Part = Literal["bucket", "redis"]
+# A readiness probe waits no longer for each part.
+_PROBE_SECONDS = 2.0
+
+
+@dataclass
+class Shared:
+    """The bucket and Redis, and this replica's name among the others."""
+
+    settings: StorageSettings
+    objects: S3Objects
+    records: RedisRecords
+    metrics: Metrics
+    owner: str  # how the other replicas reach this one (or tell it apart)
+    now: Callable[[], float] = time.time  # the wall clock uses and eviction go by
+    uses: BucketUses = field(init=False)
+    _down: set[Part] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        self.uses = BucketUses(self.records.touch_many, now=self.now)
+
+    @classmethod
+    def from_settings(
+        cls, settings: StorageSettings, metrics: Metrics, now: Callable[[], float] = time.time
+    ) -> Shared:
+        assert settings.bucket is not None and settings.redis_url is not None  # config checks
+        objects = S3Objects(
+            S3Settings(
+                bucket=settings.bucket,
+                endpoint=settings.endpoint,
+                region=settings.region,
+                prefix=settings.prefix,
+                access_key=settings.access_key,
+                secret_key=settings.secret_key,
+            )
+        )
+        # Caches sharing one Redis keep apart by their bucket and prefix.
+        prefix = f"mirror:{settings.bucket}/{settings.prefix}:"
+        records = RedisRecords(RedisSettings(settings.redis_url, prefix=prefix), now=now)
+        owner = settings.advertise_url or f"{socket.gethostname()}:{os.getpid()}"
+        return cls(settings, objects, records, metrics, owner, now)
+
+    async def start(self) -> None:
+        await self.objects.start()
+        self.uses.start()
+
+    async def aclose(self) -> None:
+        await self.uses.aclose()
+        await self.objects.close()
+        await self.records.aclose()
+
+    # health
+
+    def failed(self, part: Part, exc: Exception) -> None:
+        """``part`` failed: count it, and log the first failure of an outage."""
+        self.metrics.shared_failures.labels(part).inc()
+        # The Redis client logs its outages itself.
+        if part == "bucket" and part not in self._down:
+            self._down.add(part)
+            log.warning("shared %s unavailable (%s); serving without it", part, exc)
+
+    def answered(self, part: Part) -> None:
+        if part in self._down:
+            self._down.discard(part)
+            log.warning("shared %s answers again", part)
+
+    async def health(self) -> dict[str, Health]:
+        """Whether the bucket and Redis answer now."""
+        try:
+            with anyio.fail_after(_PROBE_SECONDS):
+                await self.objects.ping()
+        except (StorageError, TimeoutError) as exc:
+            self.failed("bucket", exc)
+            bucket: Health = "down"
+        else:
+            self.answered("bucket")
+            bucket = "ok"
+        redis: Health = "down"
+        with anyio.move_on_after(_PROBE_SECONDS):
+            redis = "ok" if await self.records.ping() else "down"
+        return {"bucket": bucket, "redis": redis}
+
+    # manifests in the bucket
+
+    async def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """A manifest from the bucket; None when it is not there or the bucket fails."""
+        try:
+            manifest = await self.objects.get_manifest(digest)
+        except StorageError as exc:
+            self.failed("bucket", exc)
+            return None
+        self.answered("bucket")
+        if manifest is not None:
+            self.uses.touch(str(digest))
+        return manifest
+
+    async def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
+        """Store a verified manifest in the bucket, for every replica (best effort)."""
+        try:
+            await self.objects.put_manifest(digest, media_type, body)
+        except StorageError as exc:
+            self.failed("bucket", exc)
+            return
+        self.answered("bucket")
+        await self.stored(digest, len(body))
+
+    async def stored(self, digest: Digest, size: int) -> None:
+        """An object of ``size`` bytes is now in the bucket: eviction counts it."""
+        try:
+            await self.records.record_object(str(digest), size)
+        except StorageError as exc:  # not counted: the cap is exceeded by that much
+            self.failed("redis", exc)
+
+    # blobs in the bucket
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        """A presigned URL of the blob in the bucket; None when it is not there (or the
+        bucket fails: then the replica answers itself)."""
+        try:
+            if await self.objects.stat(digest) is None:
+                return None
+            url = await self.objects.presign(digest, int(self.settings.redirect_ttl))
+        except StorageError as exc:
+            self.failed("bucket", exc)
+            return None
+        self.uses.touch(str(digest))
+        return url

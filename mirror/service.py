@@ -159,6 +159,11 @@ class PullThroughCache:
         cache.max_cached_blob = int(settings.cache.max_size * settings.cache.max_blob_share)
         return cache
 
+    async def start(self) -> None:
+        """Connect what needs an event loop (the bucket's client)."""
+        if self.shared is not None:
+            await self.shared.start()
+
     async def drain(self) -> None:
         """Wait for fills under way to be cached (readers may finish before that)."""
         while self._background:

@@ -388,13 +388,12 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.clean_temp()
+        await cache.start()
         sweeper = asyncio.ensure_future(sweep_orphans())
         evictor = None
-        if cache.shared is not None:
-            await cache.shared.start()
-            if settings.storage.max_size is not None:
-                bucket = BucketEvictor(cache.shared, settings.storage.max_size)
-                evictor = asyncio.ensure_future(bucket.run())
+        if cache.shared is not None and settings.storage.max_size is not None:
+            bucket = BucketEvictor(cache.shared, settings.storage.max_size)
+            evictor = asyncio.ensure_future(bucket.run())
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ behind one fake upstream that counts what reaches it.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ import pytest
 
 from mirror.config import Settings, parse
 from mirror.manifest import OCI_MANIFEST
-from mirror.reference import parse_digest
+from mirror.reference import Digest, parse_digest
 from mirror.replicas.eviction import BucketEvictor
 from mirror.service import PullThroughCache
 from mirror.web.app import create_app
@@ -99,6 +100,7 @@ async def two_replicas(
     tmp_path: Path, seaweed: S3Endpoint, redis_url: str, prefix: str, fake: FakeRegistry
 ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, Clock]]:
     clock = Clock()
+    clock.now = time.time()  # the bucket's upload times are real ones
     a_settings = replica_settings(tmp_path, "a", seaweed, redis_url, prefix)
     b_settings = replica_settings(tmp_path, "b", seaweed, redis_url, prefix)
     async with replica(a_settings, fake, clock) as a, replica(b_settings, fake, clock) as b:
@@ -272,3 +274,20 @@ async def test_eviction_spares_an_object_being_read(
             assert await BucketEvictor(shared, 0).evict() == 1
             assert await shared.objects.get_manifest(parse_digest(read)) is not None
             assert await shared.objects.get_manifest(parse_digest(images[1][0])) is None
+
+
+async def test_eviction_counts_objects_the_records_missed(
+    tmp_path: Path, seaweed: S3Endpoint, redis_server: RedisServer, prefix: str
+) -> None:
+    fake = FakeRegistry()
+    async with two_replicas(tmp_path, seaweed, redis_server.url, prefix, fake) as (a, _, clock):
+        shared = cache_of(a).shared
+        assert shared is not None
+        body = b'{"schemaVersion": 2}'
+        digest = Digest.of(body)
+        # In the bucket, but not in Redis's bookkeeping (as after Redis restarted empty).
+        await shared.objects.put_manifest(digest, OCI_MANIFEST, body)
+        assert await shared.records.total_size() == 0
+        clock.now += 1000
+        assert await BucketEvictor(shared, 0).evict() == 1
+        assert await shared.objects.get_manifest(digest) is None

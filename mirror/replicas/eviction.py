@@ -8,6 +8,10 @@ bump its use when they start and while they read, and a presigned URL is a reade
 as long as it is good). Redis decides atomically, per object, that it was not used
 since it was picked; only then is it deleted from the bucket. Without Redis there is
 no order to evict by and nothing is deleted; without the bucket a round stops.
+
+Redis's bookkeeping can miss objects (a Redis restarted empty, an upload whose
+record failed): now and again the evictor lists the bucket and records what is not
+recorded, by its upload time, so that nothing stays beyond the cap unseen.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ LEASE = "evictor"
 _BATCH = 256  # objects picked per Redis call
 # Objects used this recently are never deleted (a reader bumps every minute).
 SPARE_SECONDS = 300.0
+# How often the bucket is listed to record what Redis does not know.
+RESYNC_SECONDS = 3600.0
 
 
 class BucketEvictor:
@@ -50,6 +56,7 @@ class BucketEvictor:
         redirect = shared.settings.redirect_ttl if shared.settings.redirect else 0.0
         self._spare = max(spare, redirect)
         self._now = now or shared.now
+        self._resynced_at: float | None = None
 
     async def run(self) -> None:
         """Evict now and then, for ever (a background task of each replica)."""
@@ -68,9 +75,24 @@ class BucketEvictor:
         if lease is None:
             return 0
         try:
+            now = self._now()
+            if self._resynced_at is None or now - self._resynced_at >= RESYNC_SECONDS:
+                await self.resync()
+                self._resynced_at = now
             return await self._evict()
         finally:
             await lease.release()
+
+    async def resync(self) -> int:
+        """Record every object in the bucket, by its upload time when it was not
+        recorded (a recorded one keeps its size and later use); returns how many."""
+        count = 0
+        async for stored in self._shared.objects.iter_objects():
+            await self._shared.records.record_object(
+                str(stored.digest), stored.size, used_at=stored.modified
+            )
+            count += 1
+        return count
 
     async def _evict(self) -> int:
         records = self._shared.records

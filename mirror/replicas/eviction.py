@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from ..errors import OCIError
 from ..reference import parse_digest
-from ..storage.base import StorageError
+from ..storage.base import Lease, StorageError
 from .shared import Shared
 
 __all__ = ["BucketEvictor"]
@@ -79,7 +79,7 @@ class BucketEvictor:
             if self._resynced_at is None or now - self._resynced_at >= RESYNC_SECONDS:
                 await self.resync()
                 self._resynced_at = now
-            return await self._evict()
+            return await self._evict(lease)
         finally:
             await lease.release()
 
@@ -94,7 +94,7 @@ class BucketEvictor:
             count += 1
         return count
 
-    async def _evict(self) -> int:
+    async def _evict(self, lease: Lease) -> int:
         records = self._shared.records
         total, deleted = await records.total_size(), 0
         while total > self._max_size:
@@ -125,6 +125,8 @@ class BucketEvictor:
                 total -= size
                 if total <= self._max_size:
                     break
+            if not await lease.renew():  # a long round: another replica may go on
+                break
             total = await records.total_size()
         if deleted:
             log.info("evicted %d least recently used objects from the bucket", deleted)

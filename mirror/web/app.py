@@ -309,7 +309,7 @@ def create_app(
             if size is None:  # unknown: say nothing rather than Starlette's "0"
                 del response.headers["content-length"]
             return response
-        if settings.storage.redirect and "range" not in request.headers:
+        if "range" not in request.headers:  # a range is answered here, not redirected
             url = await cache.blob_redirect(upstream, repository, digest)
             if url is not None:
                 request.state.cache_result = "redirect"

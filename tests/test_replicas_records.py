@@ -26,9 +26,8 @@ from mirror.service import PullThroughCache
 from mirror.web.app import create_app
 from tests.conftest import Clock
 from tests.fakes import TOKEN_REALM, FakeRegistry
-from tests.support.ports import free_port
 from tests.support.redis import RedisServer
-from tests.support.seaweed import S3Endpoint
+from tests.support.seaweed import S3Endpoint, SeaweedS3
 
 pytestmark = pytest.mark.anyio
 
@@ -181,8 +180,9 @@ async def test_replicas_keep_serving_while_redis_is_down_then_share_again(
             metrics = (await b.get("/metrics")).text
             assert 'mirror_shared_storage_failures_total{part="redis"}' in metrics
             redis.start()  # empty, as after a restart without persistence
-            while (await b.get("/readyz")).json()["redis"] != "ok":
-                await asyncio.sleep(0.05)
+            for http in (a, b):  # each replica finds Redis again on its own
+                while (await http.get("/readyz")).json()["redis"] != "ok":
+                    await asyncio.sleep(0.05)
             clock.now += 2
             moved, _ = fake.add_image("library/app", "2", [b"two"])
             await a.get("/v2/library/app/manifests/2", headers=ACCEPT)
@@ -192,31 +192,38 @@ async def test_replicas_keep_serving_while_redis_is_down_then_share_again(
             assert fake.total == asked  # shared again
 
 
-async def test_a_replica_without_its_bucket_serves_manifests_from_its_hot_tier(
-    tmp_path: Path, seaweed: S3Endpoint, redis_server: RedisServer, prefix: str
+async def test_replicas_serve_manifests_from_their_hot_tiers_while_the_bucket_is_down(
+    tmp_path: Path, redis_server: RedisServer, prefix: str
 ) -> None:
     fake = FakeRegistry()
     digest, body = fake.add_image("library/app", "1", [b"layer"])
-    clock = Clock()
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the bucket is down
-    a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
-    c_settings = replica_settings(tmp_path, "c", seaweed, redis_server.url, prefix, endpoint=dead)
-    async with replica(a_settings, fake, clock) as a, replica(c_settings, fake, clock) as c:
-        await a.get("/v2/library/app/manifests/1", headers=ACCEPT)
-        # C knows the tag (Redis) but cannot read the bucket: the upstream answers.
-        assert (await c.get("/v2/library/app/manifests/1", headers=ACCEPT)).content == body
-        asked = fake.total
-        for _ in range(2):
-            again = await c.get(f"/v2/library/app/manifests/{digest}", headers=ACCEPT)
-            assert again.status_code == 200
+    with SeaweedS3() as seaweed:
+        async with two_replicas(tmp_path, seaweed.endpoint, redis_server.url, prefix, fake) as (
+            a,
+            b,
+            clock,
+        ):
+            await a.get("/v2/library/app/manifests/1", headers=ACCEPT)
+            seaweed.stop()
+            clock.now += 2  # past the in-memory trust of a record: Redis is asked
+            asked = fake.total
+            # A: its hot tier; nothing upstream.
+            for path in ("/v2/library/app/manifests/1", f"/v2/library/app/manifests/{digest}"):
+                assert (await a.get(path, headers=ACCEPT)).content == body
+            assert fake.total == asked
+            # B knows the tag (Redis) but has no copy and cannot read the bucket: the
+            # upstream answers, once; then B's hot tier does.
+            assert (await b.get("/v2/library/app/manifests/1", headers=ACCEPT)).content == body
+            asked = fake.total
+            again = await b.get(f"/v2/library/app/manifests/{digest}", headers=ACCEPT)
             assert again.content == body
-        assert fake.total == asked  # from C's hot tier
-        ready = await c.get("/readyz")
-        assert ready.status_code == 200
-        assert ready.json() == {"cache": "ok", "bucket": "down", "redis": "ok"}
-        assert (await a.get("/readyz")).json()["bucket"] == "ok"
-        metrics = (await c.get("/metrics")).text
-        assert 'mirror_shared_storage_failures_total{part="bucket"}' in metrics
+            assert fake.total == asked
+            for http in (a, b):
+                ready = await http.get("/readyz")
+                assert ready.status_code == 200
+                assert ready.json() == {"cache": "ok", "bucket": "down", "redis": "ok"}
+            metrics = (await b.get("/metrics")).text
+            assert 'mirror_shared_storage_failures_total{part="bucket"}' in metrics
 
 
 async def test_eviction_keeps_the_bucket_under_its_cap_by_use_on_every_replica(

@@ -13,16 +13,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import anyio
 
+from ..breaker import CircuitBreaker
 from ..config import StorageSettings
 from ..metrics import Metrics
 from ..reference import Digest
-from ..storage.base import StorageError
+from ..storage.base import StorageError, StorageUnavailable
 from ..storage.redis import RedisRecords, RedisSettings
 from ..storage.s3 import S3Objects, S3Settings
 from .uses import BucketUses
@@ -35,6 +36,9 @@ Health = Literal["ok", "down"]
 Part = Literal["bucket", "redis"]
 # A readiness probe waits no longer for each part.
 _PROBE_SECONDS = 2.0
+# How long a bucket that failed is left alone before one call tries it again.
+_BUCKET_RETRY_SECONDS = 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +53,11 @@ class Shared:
     now: Callable[[], float] = time.time  # the wall clock uses and eviction go by
     uses: BucketUses = field(init=False)
     _down: set[Part] = field(default_factory=set, init=False)
+    # A bucket that does not answer costs each call seconds of connection retries:
+    # after a failure it is left alone for a moment, then one call probes it.
+    _bucket_breaker: CircuitBreaker = field(
+        default_factory=lambda: CircuitBreaker(1, _BUCKET_RETRY_SECONDS), init=False
+    )
 
     def __post_init__(self) -> None:
         self.uses = BucketUses(self.records.touch_many, now=self.now)
@@ -109,16 +118,39 @@ class Shared:
             redis = "ok" if await self.records.ping() else "down"
         return {"bucket": bucket, "redis": redis}
 
+    async def in_bucket(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one bucket operation through the breaker, counting its failure
+        (``StorageUnavailable`` at once while the bucket is left alone)."""
+        probe = self._bucket_breaker.state == "half-open"
+        if not self._bucket_breaker.allow():
+            skipped = StorageUnavailable("the bucket failed a moment ago; not asked")
+            self.metrics.shared_failures.labels("bucket").inc()
+            raise skipped
+        try:
+            result = await operation()
+        except StorageError as exc:
+            if isinstance(exc, StorageUnavailable):
+                self._bucket_breaker.failed()
+            else:
+                self._bucket_breaker.succeeded()  # it answered, with an error
+            self.failed("bucket", exc)
+            raise
+        except BaseException:
+            if probe:  # cancelled while probing: let a later call probe again
+                self._bucket_breaker.failed()
+            raise
+        self._bucket_breaker.succeeded()
+        self.answered("bucket")
+        return result
+
     # manifests in the bucket
 
     async def get_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
         """A manifest from the bucket; None when it is not there or the bucket fails."""
         try:
-            manifest = await self.objects.get_manifest(digest)
-        except StorageError as exc:
-            self.failed("bucket", exc)
+            manifest = await self.in_bucket(lambda: self.objects.get_manifest(digest))
+        except StorageError:
             return None
-        self.answered("bucket")
         if manifest is not None:
             self.uses.touch(str(digest))
         return manifest
@@ -126,11 +158,9 @@ class Shared:
     async def put_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
         """Store a verified manifest in the bucket, for every replica (best effort)."""
         try:
-            await self.objects.put_manifest(digest, media_type, body)
-        except StorageError as exc:
-            self.failed("bucket", exc)
+            await self.in_bucket(lambda: self.objects.put_manifest(digest, media_type, body))
+        except StorageError:
             return
-        self.answered("bucket")
         await self.stored(digest, len(body))
 
     async def stored(self, digest: Digest, size: int) -> None:
@@ -146,11 +176,10 @@ class Shared:
         """A presigned URL of the blob in the bucket; None when it is not there (or the
         bucket fails: then the replica answers itself)."""
         try:
-            if await self.objects.stat(digest) is None:
+            if await self.in_bucket(lambda: self.objects.stat(digest)) is None:
                 return None
             url = await self.objects.presign(digest, int(self.settings.redirect_ttl))
-        except StorageError as exc:
-            self.failed("bucket", exc)
+        except StorageError:
             return None
         self.uses.touch(str(digest))
         return url

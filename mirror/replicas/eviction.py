@@ -31,7 +31,7 @@ log = logging.getLogger("mirror.replicas.eviction")
 
 LEASE = "evictor"
 _BATCH = 256  # objects picked per Redis call
-# Objects used this recently are never deleted (a reader bumps every minute).
+# Objects used this recently are never deleted: a client may still be reading them.
 SPARE_SECONDS = 300.0
 # How often the bucket is listed to record what Redis does not know.
 RESYNC_SECONDS = 3600.0

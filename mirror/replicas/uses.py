@@ -4,10 +4,10 @@ A hit must count as a use on every replica, but a Redis round trip per hit would
 the network on the warm path: hits record the time in a dict (no I/O, fine on the
 event loop) and a task writes the batch to Redis once a second, in one command. A
 replica that dies loses at most a second of uses: the eviction order gets a little
-older, nothing is lost. A client reading an object from the bucket (through this
-replica, or a presigned URL) keeps it recent: its use is bumped when it starts and
-while it reads, so the evictor, which spares objects used in the last minutes, does
-not delete it under the reader.
+older, nothing is lost. A replica reading an object from the bucket for a client
+records uses as it reads, and a presigned URL is a use when it is given, so the
+evictor, which spares objects used in the last minutes, does not delete an object
+under its reader.
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from ..storage.base import StorageError
 
-__all__ = ["READING_BUMP_SECONDS", "BucketUses"]
+__all__ = ["BucketUses"]
 
 log = logging.getLogger("mirror.replicas")
-
-# How often a reader of a bucket object bumps its use; the evictor spares objects used
-# within a few times that.
-READING_BUMP_SECONDS = 60.0
 
 
 class BucketUses:
@@ -56,21 +52,6 @@ class BucketUses:
                 await self._write(batch)
             except StorageError as exc:  # a lost batch only ages the eviction order
                 log.debug("could not record %d bucket uses: %s", len(batch), exc)
-
-    @contextlib.asynccontextmanager
-    async def reading(self, key: str) -> AsyncIterator[None]:
-        """Keep ``key`` recently used while the body runs (a read from the bucket)."""
-
-        async def bump() -> None:
-            while True:
-                self.touch(key)
-                await asyncio.sleep(READING_BUMP_SECONDS)
-
-        bumper = asyncio.ensure_future(bump())
-        try:
-            yield
-        finally:
-            bumper.cancel()
 
     def start(self) -> None:
         async def run() -> None:

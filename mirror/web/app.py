@@ -308,6 +308,22 @@ def create_app(
         gate.authorize(request, upstream.name, repository)
         return upstream, repository
 
+    flushing: set[asyncio.Task[None]] = set()
+
+    def flush_pulls() -> None:
+        """Pull counts to the index, once at a time and behind the requests: every
+        request that found them due awaiting its own hop to a thread was a tail."""
+        if flushing:
+            return
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(inventory.flush_pulls))
+        flushing.add(task)
+        task.add_done_callback(_flushed)
+
+    def _flushed(task: asyncio.Task[None]) -> None:
+        flushing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record pull counts: %s", task.exception())
+
     async def api_root(request: Request) -> Response:
         _read_only(request)
         return JSONResponse({})
@@ -323,7 +339,7 @@ def create_app(
         if not isinstance(reference, Digest) and inventory.record_pull(
             upstream.name, repository, reference
         ):
-            await anyio.to_thread.run_sync(inventory.flush_pulls)
+            flush_pulls()
         return _manifest_response(found, request.method)
 
     async def blob(request: Request) -> Response:

@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -125,8 +126,6 @@ class Cache:
 
 
 def _pickle(value: object) -> bytes:
-    import pickle
-
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 

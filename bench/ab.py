@@ -20,9 +20,11 @@ The loads (``--loads``, default all but the 1,000-connection one):
 
 On a shared machine absolute figures drift with the other load; the point is the ratios
 within one run: each load runs ``--rounds`` times per variant, the variants taking turns
-(A B A B), and the load average is kept with every run. ``--pin`` puts the load generators
-on CPU 0 and the mirror on CPU 1 (``taskset``). ``--profile DIR`` samples each variant with
-py-spy during one extra run of each wrk load. Results go to ``bench/results/ab.json``.
+(A B A B), and the load average is kept with every run. Before each run every variant must
+have been quiet (no byte read or written) for a second: after 1,000 connections a server
+goes on answering abandoned requests. ``--pin`` puts the load generators on CPU 0 and the
+mirror on CPU 1 (``taskset``). ``--profile DIR`` samples each variant with py-spy during
+one extra run of each wrk load. Results go to ``bench/results/ab.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from mirror.storage.disk import Store
 from tests.support.ports import free_port, wait_http_ok
 
 from .load import blob_throughput, run_wrk_mix
-from .procs import tree_cpu_seconds
+from .procs import tree_cpu_seconds, wait_quiet
 from .profile import py_spy, summarize
 from .scale import _MODE_BINARY, _MODE_PICKLE, _manifest
 
@@ -272,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 for load in loads:
                     for variant in variants if round_number % 2 == 0 else variants[::-1]:
+                        # a server still answering the last run's abandoned requests (after
+                        # 1,000 connections) would load this one
+                        for other in variants:
+                            wait_quiet(other.pid)
                         before = os.getloadavg()[0]
                         figures = measure(load, variant, cache, args, work)
                         row = {"load": load, "variant": variant.name, "round": round_number,

@@ -47,6 +47,11 @@ def _reaped(processes: list[subprocess.Popen[bytes]]) -> Iterator[None]:
                 process.wait(10)
 
 
+def _pinned(argv: list[str], cpus: str | None) -> list[str]:
+    """``argv`` run on the CPUs listed (``taskset -c``), or anywhere when None."""
+    return argv if cpus is None else ["taskset", "-c", cpus, *argv]
+
+
 # ---------------------------------------------------------------------------------- skopeo
 
 
@@ -237,6 +242,7 @@ def run_wrk_mix(
     connections: int,
     seconds: float,
     workdir: Path,
+    cpus: str | None = None,
 ) -> WrkRun:
     """wrk going round a list of ``(path, headers)`` GETs on the server at ``url``, each
     connection from its own thread's position; the summary as :func:`run_wrk` reads it."""
@@ -247,7 +253,7 @@ def run_wrk_mix(
         for path, headers in requests
     )
     script = _WRK_MIX.format(entries=entries)
-    return _wrk(url, "", threads, connections, seconds, workdir, requests=script)
+    return _wrk(url, "", threads, connections, seconds, workdir, requests=script, cpus=cpus)
 
 
 def _wrk(
@@ -259,6 +265,7 @@ def _wrk(
     workdir: Path,
     *,
     requests: str = "",
+    cpus: str | None = None,
 ) -> WrkRun:
     script = workdir / "bench-wrk.lua"
     script.write_text(_WRK_SCRIPT.format(headers=header_lines, requests=requests))
@@ -274,6 +281,7 @@ def _wrk(
         str(script),
         url,
     ]
+    argv = _pinned(argv, cpus)
     result = subprocess.run(
         argv, capture_output=True, timeout=seconds + 60, stdin=subprocess.DEVNULL, check=False
     )
@@ -325,6 +333,7 @@ def blob_throughput(
     streams: int,
     rounds: int,
     timeout: float = PULL_TIMEOUT,
+    cpus: str | None = None,
 ) -> BlobRun:
     """``streams`` curl processes in parallel, each downloading the blob ``rounds`` times in a
     row to /dev/null; every download must be a 200 of exactly ``size`` bytes."""
@@ -341,7 +350,7 @@ def blob_throughput(
         for _ in range(streams):
             processes.append(
                 subprocess.Popen(
-                    argv,
+                    _pinned(argv, cpus),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

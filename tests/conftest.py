@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from mirror.config import Settings, parse
 from mirror.storage.redis import RedisSettings
 from mirror.web.app import create_app
+from mirror.web.server import uvicorn_options
 from tests.fakes import TOKEN_REALM, FakeRegistry
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess
@@ -99,13 +100,13 @@ class live_server:  # noqa: N801 - used like a function
     requests need real connections.
     """
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, **options: Any) -> None:
         self.app = app
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -127,7 +128,8 @@ class live_server:  # noqa: N801 - used like a function
 @pytest.fixture
 async def live(settings: Settings, fake: FakeRegistry, clock: Clock) -> AsyncIterator[live_server]:
     app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
-    async with live_server(app) as server:
+    # the protocol `mirror serve` runs: bounded heads, cached blobs by os.sendfile
+    async with live_server(app, **uvicorn_options(settings.server)) as server:
         yield server
 
 

@@ -49,6 +49,11 @@ class Blob:
         """``close()``, for what only closes asynchronously (an upstream response)."""
         self.close()
 
+    def file(self) -> BinaryIO | None:
+        """The open file holding every byte of the blob, for a server to send as it
+        is (``close()`` still closes it); None when the bytes come from elsewhere."""
+        return None
+
 
 class CachedBlob(Blob):
     def __init__(self, handle: BinaryIO) -> None:
@@ -75,6 +80,9 @@ class CachedBlob(Blob):
 
     def close(self) -> None:
         self._handle.close()
+
+    def file(self) -> BinaryIO | None:
+        return self._handle
 
     def small_body(self, start: int, end: int) -> bytes | None:
         if end - start > _INLINE_READ:

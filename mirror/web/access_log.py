@@ -61,6 +61,8 @@ class AccessLog:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":
+                sent += message.get("count") or 0
             await send(message)
 
         try:
@@ -80,6 +82,8 @@ class AccessLog:
         if sent and result != "-":
             source = "cache" if result in _FROM_CACHE else "upstream"
             self.metrics.sent_bytes.labels(source).inc(sent)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the line is not written: building it was a cost per request
         query = scope.get("query_string", b"").decode("latin-1")
         target = scope["path"] + (f"?{query}" if query else "")
         client = scope.get("client")

@@ -13,7 +13,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import anyio
@@ -49,6 +49,7 @@ from ..upstream.client import Upstream
 from .access_log import AccessLog
 from .admin import AdminRoutes
 from .auth import Gate
+from .server import ZERO_COPY
 
 __all__ = ["create_app"]
 
@@ -191,6 +192,33 @@ class _BlobStream(StreamingResponse):
             pass  # the client went away
 
 
+class _BlobFile(_BlobStream):
+    """A cached blob's file: sent by the kernel (``os.sendfile``) when the server
+    offers zero-copy sends (plain TCP), streamed as a ``_BlobStream`` otherwise."""
+
+    def __init__(self, blob: Blob, file: BinaryIO, span: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(blob, blob.chunks(*span), **kwargs)
+        self._file = file
+        self._span = span
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if ZERO_COPY not in scope.get("extensions", {}):
+            await super().__call__(scope, receive, send)
+            return
+        start, end = self._span
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )  # fmt: skip
+            await send({"type": ZERO_COPY, "file": self._file, "offset": start,
+                        "count": end - start})  # fmt: skip
+        except EOFError as exc:  # the server has dropped the connection
+            log.warning("aborted a blob response: %s", exc)
+        finally:
+            await self._blob.aclose()
+
+
 async def _size_for_http_1_0(found: Blob) -> None:
     """An HTTP/1.0 client cannot read chunked framing (RFC 9112, 6.1), and uvicorn
     frames a body of unknown length so: wait until the length is known."""
@@ -281,6 +309,22 @@ def create_app(
         gate.authorize(request, upstream.name, repository)
         return upstream, repository
 
+    flushing: set[asyncio.Task[None]] = set()
+
+    def flush_pulls() -> None:
+        """Pull counts to the index, once at a time and behind the requests: every
+        request that found them due awaiting its own hop to a thread was a tail."""
+        if flushing:
+            return
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(inventory.flush_pulls))
+        flushing.add(task)
+        task.add_done_callback(_flushed)
+
+    def _flushed(task: asyncio.Task[None]) -> None:
+        flushing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record pull counts: %s", task.exception())
+
     async def api_root(request: Request) -> Response:
         _read_only(request)
         return JSONResponse({})
@@ -296,7 +340,7 @@ def create_app(
         if not isinstance(reference, Digest) and inventory.record_pull(
             upstream.name, repository, reference
         ):
-            await anyio.to_thread.run_sync(inventory.flush_pulls)
+            flush_pulls()
         return _manifest_response(found, request.method)
 
     async def blob(request: Request) -> Response:
@@ -484,6 +528,11 @@ def _blob_response(found: Blob, digest: Digest, range_header: str | None) -> Res
         body = found.small_body(*(span or (0, found.size)))
         if body is not None:
             return Response(body, status_code=status, headers=headers)
+    file = found.file()
+    if file is not None:
+        assert found.size is not None
+        whole = span or (0, found.size)
+        return _BlobFile(found, file, whole, status_code=status, headers=headers)
     if span is None:
         return _BlobStream(found, found.chunks(), headers=headers)
     return _BlobStream(found, found.chunks(*span), status_code=status, headers=headers)

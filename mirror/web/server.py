@@ -1,10 +1,16 @@
-"""How uvicorn serves the app: bounded request heads.
+"""How uvicorn serves the app: bounded request heads, files sent by the kernel.
 
-uvicorn's default parser (httptools) accepts request heads of any size, and no
+uvicorn's fast parser (httptools) accepts request heads of any size, and no
 uvicorn parser has a timeout for reading a head: 1,100 half-sent requests held
-every descriptor for as long as their clients liked. The h11 parser bounds a
-head's bytes (``h11_max_incomplete_event_size``); the protocol below adds the
-missing deadline. The header count is checked in the web layer.
+every descriptor for as long as their clients liked. The protocol below keeps
+httptools (twice the requests/s of h11 here, a quarter to half of its p99) and
+adds both bounds: a head's bytes and a deadline for it. The header count is
+checked in the web layer.
+
+It also offers the ASGI ``http.response.zerocopysend`` extension on plain TCP: a
+cached blob goes from the page cache to the socket with ``os.sendfile``, never
+through Python (uvloop has no ``loop.sendfile``). TLS has to encrypt in user
+space, so a TLS connection is not offered it and gets body messages as before.
 """
 
 from __future__ import annotations
@@ -12,42 +18,120 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from typing import Any
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..config import ServerSettings
 
-__all__ = ["HeadTimeoutH11Protocol", "uvicorn_options"]
+__all__ = ["BoundedHttpToolsProtocol", "ZERO_COPY", "uvicorn_options"]
 
 log = logging.getLogger("mirror.server")
 
+ZERO_COPY = "http.response.zerocopysend"
+# One os.sendfile call at most this much: the event loop gets its turn between calls.
+_SENDFILE_CHUNK = 4 * 1024 * 1024
 
-class HeadTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request head is not
-    complete ``header_timeout`` seconds after its first byte (or after connecting)."""
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bounded request head: more than
+    ``max_header_bytes`` before the head ends is refused (400, as h11 does), and a
+    connection whose head is not complete ``header_timeout`` seconds after its first
+    byte (or after connecting) is closed."""
+
+    def __init__(
+        self, *args: Any, header_timeout: float, max_header_bytes: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
+        self._max_head = max_header_bytes
         self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # between a message's first byte and the end of its head
+        self._head_bytes = 0  # read since the head began (see on_message_begin)
+        self._read = 0  # bytes of the read being parsed
+        self._begun = 0  # messages begun in it
+        self._zero_copy = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._zero_copy = self.scheme == "http" and transport.get_extra_info("socket") is not None
         self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.conn.their_state is h11.IDLE:  # a head has begun, or nothing yet
-            if self._head_timer is None:
-                self._arm()
-        else:
-            self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._read, self._begun = len(data), 0
+        if self._in_head:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _HeadTooLarge):
+                raise  # pragma: no cover - uvicorn's callbacks do not raise
+            self._refuse()
+            return
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._in_head:
+            if max(self._head_bytes, self._head_seen()) > self._max_head:
+                self._refuse()
+            elif self._head_timer is None:
+                self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        # A head that begins a read owns all of it, as far as we can tell (the rest of
+        # a request body may come first); one pipelined after another in the same
+        # read counts as what the parser shows of it (the field being read stays
+        # hidden). The reads after count whole.
+        self._head_bytes = self._read if self._begun == 0 else 0
+        self._begun += 1
+        if self._zero_copy:
+            self.scope["extensions"] = {ZERO_COPY: {}}
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        if (
+            max(self._head_bytes, self._read) > self._max_head
+            and self._head_seen() > self._max_head
+        ):
+            raise _HeadTooLarge
+        existing = self.cycle
+        super().on_headers_complete()
+        if self._zero_copy and self.cycle is not existing:
+            # uvicorn builds its cycle by name; its send is looked up when the task runs.
+            self.cycle.__class__ = _ZeroCopyCycle
+
+    def _head_seen(self) -> int:
+        """The bytes of the head the parser has passed on (within 4 per field)."""
+        return len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+
+    def _refuse(self) -> None:
+        log.info("refused a request head of more than %d bytes", self._max_head)
+        self._disarm()
+        if not self.transport.is_closing():
+            # 400 as h11 answers; 431 would name the cause, clients treat both alike
+            self.send_400_response(f"request head longer than {self._max_head} bytes")
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self._header_timeout, self._expire)
@@ -59,14 +143,93 @@ class HeadTimeoutH11Protocol(H11Protocol):
 
     def _expire(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        waiting = self._in_head or self.cycle is None  # a head begun, or nothing yet
+        if waiting and not self.transport.is_closing():
             log.info("closed a connection that sent no complete request head in time")
             self.transport.close()
 
 
+class _ZeroCopyCycle(RequestResponseCycle):
+    """uvicorn's request cycle, also taking ``http.response.zerocopysend`` messages."""
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != ZERO_COPY:
+            await super().send(message)
+            return
+        if not self.response_started or self.response_complete:
+            raise RuntimeError(f"unexpected ASGI message {ZERO_COPY!r}")
+        file = message["file"]
+        offset = message.get("offset")
+        count = message.get("count")
+        if offset is None:
+            offset = file.tell()
+        if count is None:
+            count = os.fstat(file.fileno()).st_size - offset
+        if self.chunked_encoding or count > self.expected_content_length:
+            raise RuntimeError(f"{ZERO_COPY} needs a Content-Length that covers it")
+        if self.scope["method"] != "HEAD" and not self.disconnected:
+            if not await _sendfile(self.transport, file.fileno(), offset, count):
+                self.disconnected = True
+                return
+            self.expected_content_length -= count
+        if not message.get("more_body", False):
+            await super().send({"type": "http.response.body", "body": b""})
+
+
+async def _sendfile(transport: asyncio.Transport, fd: int, offset: int, count: int) -> bool:
+    """``count`` bytes of ``fd`` from ``offset`` into the transport's socket, after
+    what the transport still buffers; False when the connection broke or closed
+    (then it is closed), an error when the file ended early (the connection too)."""
+    loop = asyncio.get_running_loop()
+    # Our own descriptor: the transport's number may be closed and reused by another
+    # connection while we wait, ours keeps naming this socket.
+    out = os.dup(transport.get_extra_info("socket").fileno())
+    ready: asyncio.Future[None] | None = None
+
+    def writable() -> None:
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    async def wait() -> None:
+        nonlocal ready
+        ready = loop.create_future()
+        loop.add_writer(out, writable)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(out)
+
+    try:
+        while transport.get_write_buffer_size():  # the head, or a slow reader's backlog
+            await wait()
+            await asyncio.sleep(0)  # the transport writes in its own turn
+        while count > 0:
+            if transport.is_closing():
+                return False
+            try:
+                sent = os.sendfile(out, fd, offset, min(count, _SENDFILE_CHUNK))
+            except BlockingIOError:
+                await wait()
+                continue
+            if sent == 0:
+                transport.close()
+                raise EOFError(f"the file ended {count} bytes before its Content-Length")
+            offset += sent
+            count -= sent
+        return True
+    except OSError:
+        transport.close()
+        return False
+    finally:
+        os.close(out)
+
+
 def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
-    """The uvicorn settings that bound request heads."""
+    """The uvicorn settings that bound request heads and send files zero-copy."""
     return {
-        "http": functools.partial(HeadTimeoutH11Protocol, header_timeout=server.header_timeout),
-        "h11_max_incomplete_event_size": server.max_header_bytes,
+        "http": functools.partial(
+            BoundedHttpToolsProtocol,
+            header_timeout=server.header_timeout,
+            max_header_bytes=server.max_header_bytes,
+        ),
     }

@@ -1,0 +1,158 @@
+"""The server protocol `mirror serve` runs (mirror/web/server.py): httptools with
+bounded request heads, and cached blobs sent by the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mirror.web import server
+from mirror.web.app import create_app
+from mirror.web.server import uvicorn_options
+from tests.conftest import live_server, make_settings
+from tests.fakes import FakeRegistry
+from tests.support.descriptors import open_descriptors
+from tests.support.hostile import served
+from tests.support.tls import TestCA
+
+pytestmark = pytest.mark.anyio
+
+BOUND = 4096
+
+
+async def _answer(port: int, *writes: bytes) -> bytes:
+    """What the server sends back to these writes, until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for data in writes:
+            writer.write(data)
+            await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_head_past_the_bound_is_refused_however_it_arrives(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    settings = replace(settings, server=replace(settings.server, max_header_bytes=BOUND))
+    app = create_app(settings)
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 100) for i in range(30))  # ~3.4 KiB
+    assert len(fields) < BOUND < 2 * len(fields)
+    start = b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n"
+    async with served(app, **uvicorn_options(settings.server)) as mirror:
+        # under the bound: served
+        assert (await _answer(mirror.port, start + fields + b"Connection: close\r\n\r\n"))[
+            :12
+        ] == b"HTTP/1.1 200"
+        # complete, in one write, over the bound
+        whole = start + fields + fields.replace(b"X-F", b"X-G") + b"\r\n"
+        assert (await _answer(mirror.port, whole))[:12] == b"HTTP/1.1 400"
+        # not complete, in one write: many fields, or one long one
+        assert (await _answer(mirror.port, start + fields + fields))[:12] == b"HTTP/1.1 400"
+        long = start + b"X-Long: " + b"v" * (BOUND + 1)
+        assert (await _answer(mirror.port, long))[:12] == b"HTTP/1.1 400"
+        # one long field, a piece at a time
+        pieces = [start + b"X-Long: ", *[b"v" * 1024] * 5]
+        assert (await _answer(mirror.port, *pieces))[:12] == b"HTTP/1.1 400"
+    await app.state.cache.aclose()
+    app.state.cache.store.close()
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts os.sendfile was asked for, in this process."""
+    calls: list[int] = []
+    real: Callable[..., int] = os.sendfile
+
+    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    return calls
+
+
+async def test_cached_blobs_go_by_sendfile_whole_in_ranges_and_to_http_1_0(
+    live: live_server, fake: FakeRegistry, sendfile_calls: list[int]
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = fake.add_blob(data)
+    path = f"/v2/library/a/blobs/{digest}"
+    async with httpx.AsyncClient(base_url=live.url) as client:
+        assert (await client.get(path)).content == data  # the miss: from the fill
+        assert sendfile_calls == []
+        whole = await client.get(path)
+        ranged = await client.get(path, headers={"Range": "bytes=100-1048675"})
+        tail = await client.get(path, headers={"Range": "bytes=-70000"})
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["Content-Length"] == str(len(data))
+    assert ranged.status_code == 206 and ranged.content == data[100:1048676]
+    assert ranged.headers["Content-Range"] == f"bytes 100-1048675/{len(data)}"
+    assert tail.status_code == 206 and tail.content == data[-70000:]
+    assert sum(sendfile_calls) >= len(data) + 1048576 + 70000
+    port = int(live.url.rsplit(":", 1)[1])
+    answer = await _answer(port, f"GET {path} HTTP/1.0\r\nHost: mirror\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"200"
+    assert f"content-length: {len(data)}".encode() in head.lower().split(b"\r\n")
+    assert body == data
+
+
+async def test_clients_gone_mid_sendfile_leave_no_descriptor_open(
+    live: live_server, fake: FakeRegistry, sendfile_calls: list[int]
+) -> None:
+    data = os.urandom(24 * 1024 * 1024)
+    digest = fake.add_blob(data)
+    path = f"/v2/library/a/blobs/{digest}"
+    port = int(live.url.rsplit(":", 1)[1])
+    async with httpx.AsyncClient(base_url=live.url) as client:
+        assert (await client.get(path)).content == data
+        before = open_descriptors()
+        for _ in range(10):  # read a little, then hang up
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+            await reader.readexactly(256 * 1024)
+            writer.transport.abort()
+        assert sendfile_calls
+        await _until(lambda: open_descriptors() <= before)
+        assert (await client.get(path)).content == data  # and the server goes on
+
+
+async def test_zero_copy_is_offered_on_plain_tcp_only(tmp_path: Path) -> None:
+    """TLS encrypts in user space: its connections get body messages, as before."""
+    offered: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            offered.append(scope.get("extensions", {}))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    ca = TestCA(tmp_path)
+    issued = ca.issue("server")
+    options = uvicorn_options(make_settings(tmp_path).server)
+    async with served(app, **options) as plain:
+        async with httpx.AsyncClient(base_url=plain.url) as client:
+            assert (await client.get("/")).status_code == 200
+    tls = {"ssl_certfile": str(issued.certificate), "ssl_keyfile": str(issued.key)}
+    async with served(app, **options, **tls) as secure:
+        url = secure.url.replace("http:", "https:")
+        trust = ssl.create_default_context(cafile=str(ca.certificate))
+        async with httpx.AsyncClient(base_url=url, verify=trust) as client:
+            assert (await client.get("/")).status_code == 200
+    assert offered == [{server.ZERO_COPY: {}}, {}]
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

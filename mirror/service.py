@@ -105,6 +105,9 @@ class PullThroughCache:
         self._manifests: SingleFlight[FetchedManifest] = SingleFlight()
         self._revalidations: SingleFlight[Manifest] = SingleFlight()
         self._tag_lists: SingleFlight[list[str]] = SingleFlight()
+        # When a tag's record in memory expires, every request for it in flight misses
+        # at once: one read of the shared records answers them all.
+        self._tag_reads: SingleFlight[TagRecord | None] = SingleFlight()
         self._fills: dict[Digest, Fill] = {}
         self.gates = {
             u.name: FillGate(u.name, u.settings.max_fills, u.settings.fill_queue) for u in upstreams
@@ -175,6 +178,7 @@ class PullThroughCache:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._manifests.aclose()
         await self._revalidations.aclose()
+        await self._tag_reads.aclose()
         await self._tag_lists.aclose()
         await self.holdings.aclose()
         for upstream in self.upstreams.values():
@@ -264,13 +268,13 @@ class PullThroughCache:
     async def _manifest_by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
-        record = self._memo_tag(upstream, repository, tag, accept) or await self.records.get_tag(
-            upstream.name, repository, tag, accept
+        record = self._memo_tag(upstream, repository, tag, accept) or await self._read_tag(
+            upstream, repository, tag, accept
         )
         if record is None and accept != MANIFEST_TYPES:
             # What the tag is for a client that accepts everything holds for this one
             # too, when it accepts that type (warm and import record only that).
-            general = await self.records.get_tag(upstream.name, repository, tag, MANIFEST_TYPES)
+            general = await self._read_tag(upstream, repository, tag, MANIFEST_TYPES)
             if general is not None and general.media_type in accept:
                 record = general
         cached = None
@@ -305,6 +309,15 @@ class PullThroughCache:
         return Manifest(
             fetched.body, fetched.media_type, fetched.digest, "coalesced" if joined else "miss"
         )
+
+    async def _read_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        async def read() -> TagRecord | None:
+            return await self.records.get_tag(upstream.name, repository, tag, accept)
+
+        record, _ = await self._tag_reads.do((upstream.name, repository, tag, accept), read)
+        return record
 
     def _memo_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]

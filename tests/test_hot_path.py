@@ -3,6 +3,7 @@ the client's ``Accept`` and for cached blobs, and the uses still count for evict
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Callable
@@ -58,6 +59,30 @@ async def test_every_accept_variant_of_a_known_tag_is_answered_from_memory(
                 assert response.content == body
     assert reads == []
     assert fake.total == before
+
+
+async def test_a_burst_after_a_tag_record_left_memory_reads_the_records_once(
+    settings: Settings, fake: FakeRegistry, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.add_image("library/a", "1", [b"x"])
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    async with app_client(app) as client:
+        full = {"Accept": ", ".join(MANIFEST_TYPES)}
+        assert (await client.get("/v2/library/a/manifests/1", headers=full)).status_code == 200
+        clock.now += 2  # past the moment a record in memory is trusted, within tag_ttl
+        records = app.state.cache.records
+        reads: list[tuple[object, ...]] = []
+        original = records.get_tag
+
+        async def get_tag(*args: object) -> object:
+            reads.append(args)  # each one a hop to a thread (disk) or a round trip (Redis)
+            return await original(*args)
+
+        monkeypatch.setattr(records, "get_tag", get_tag)
+        burst = [client.get("/v2/library/a/manifests/1", headers=full) for _ in range(20)]
+        responses = await asyncio.gather(*burst)
+    assert {r.status_code for r in responses} == {200}
+    assert len(reads) == 1
 
 
 async def test_a_tag_of_a_type_the_client_refuses_still_is_not_served(

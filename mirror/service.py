@@ -182,6 +182,8 @@ class PullThroughCache:
         """Connect what needs an event loop (the bucket's client)."""
         if self.shared is not None:
             await self.shared.start()
+        if self.fleet is not None:
+            self.fleet.start()
 
     async def drain(self) -> None:
         """Wait for fills under way to be cached (readers may finish before that)."""

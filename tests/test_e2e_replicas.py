@@ -129,20 +129,23 @@ def _bucket(s3: S3Endpoint, replica: MirrorProcess) -> S3Objects:
     )
 
 
-def _stored(s3: S3Endpoint, replica: MirrorProcess, digest: str) -> str | None:
-    """The sha256 of the blob's object in the bucket, or None when there is none."""
+def _stored(s3: S3Endpoint, replica: MirrorProcess, *digests: str) -> list[str | None]:
+    """The sha256 of each blob's object in the bucket, or None where there is none."""
 
-    async def read() -> str | None:
+    async def read(objects: S3Objects, digest: str) -> str | None:
+        hasher = hashlib.sha256()
+        async with objects.open(parse_digest(digest)) as reader:
+            if reader is None:
+                return None
+            async for data in reader.chunks():
+                hasher.update(data)
+        return "sha256:" + hasher.hexdigest()
+
+    async def read_all() -> list[str | None]:
         async with _bucket(s3, replica) as objects:
-            hasher = hashlib.sha256()
-            async with objects.open(parse_digest(digest)) as reader:
-                if reader is None:
-                    return None
-                async for data in reader.chunks():
-                    hasher.update(data)
-            return "sha256:" + hasher.hexdigest()
+            return [await read(objects, digest) for digest in digests]
 
-    return asyncio.run(read())
+    return asyncio.run(read_all())
 
 
 def test_concurrent_pulls_over_three_replicas_download_each_blob_once(
@@ -161,11 +164,14 @@ def test_concurrent_pulls_over_three_replicas_download_each_blob_once(
         assert digests == [upstream.image.manifest_digest] * pulls
         gets = _blob_gets(upstream.registry, mark)
         assert gets == Counter(upstream.image.blob_digests), gets
+        image = upstream.image
+        size = image.config_size + sum(layer.size for layer in image.layers)
+        assert upstream.registry.blob_bytes_sent(mark) == size  # once, whole
         # Every blob went into the bucket, whole.
         for replica in replicas:
             replica.wait_fills_settled()
-        for digest in upstream.image.blob_digests:
-            assert _stored(seaweed, replicas[0], digest) == digest
+        blobs = upstream.image.blob_digests
+        assert _stored(seaweed, replicas[0], *blobs) == blobs
         sources = {
             source: sum(metric(r, "mirror_fleet_fills_total", source=source) for r in replicas)
             for source in ("lease", "peer", "bucket", "alone")
@@ -261,7 +267,7 @@ def test_killing_the_replica_that_fills_fails_its_waiters_cleanly_and_a_retry_su
         assert results == ["aborted", "aborted"], results
         assert at_b.received < upstream.big.layers[0].size
         # Nothing of it reached the bucket, and B cached nothing.
-        assert _stored(seaweed, b, layer) is None
+        assert _stored(seaweed, b, layer) == [None]
         # Retries (on B and C at once) succeed: one of them takes the fill over.
         retries = [_Reader(b.url + path), _Reader(c.url + path)]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -269,7 +275,7 @@ def test_killing_the_replica_that_fills_fails_its_waiters_cleanly_and_a_retry_su
         assert [r.digest for r in retries] == [layer, layer]
         for replica in (b, c):
             replica.wait_fills_settled()
-        assert _stored(seaweed, b, layer) == layer
+        assert _stored(seaweed, b, layer) == [layer]
     finally:
         _close(link, [a, b, c])
 
@@ -318,8 +324,9 @@ def test_pulls_succeed_from_upstream_and_hot_tiers_when_the_bucket_stops_mid_pul
                 replica.wait_fills_settled()
             store.start()
             # Back: whatever the bucket holds of those blobs is whole.
-            for digest in [*upstream.image.blob_digests, *upstream.big.blob_digests]:
-                assert _stored(s3, replicas[0], digest) in (None, digest)
+            blobs = [*upstream.image.blob_digests, *upstream.big.blob_digests]
+            for digest, stored in zip(blobs, _stored(s3, replicas[0], *blobs), strict=True):
+                assert stored in (None, digest)
             # The hot tiers serve what they hold; the rest is filled again.
             mark = upstream.registry.mark()
             assert _pull_image(replicas[2], tmp_path / "again") == upstream.image.manifest_digest

@@ -50,6 +50,9 @@ _RENEW_EVERY = 3.0
 # After a failed call the bucket is left alone this long (then one call probes it):
 # a store that is down costs one connection attempt per period, not one per request.
 _BUCKET_COOLDOWN = 5.0
+# Multipart uploads begun this long ago belong to fills killed mid-upload (a live one
+# takes seconds): their parts are aborted, at start and then this often.
+_STALE_UPLOAD = 3600.0
 # Between a replica taking the lease and its fill being there to follow, a peer may
 # be asked too early: it is asked again this often.
 _RETRY_PEER = 0.05
@@ -89,9 +92,27 @@ class Fleet:
         self.lease_ttl = lease_ttl
         self._bucket = CircuitBreaker(1, _BUCKET_COOLDOWN)
         self._alone_logged = False  # Redis down: logged once until it answers
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.peers.aclose()
+
+    async def _sweep(self) -> None:
+        """Abort what killed uploads left in the bucket (invisible, but kept and billed)."""
+        while True:
+            try:
+                if swept := await self.objects.abort_stale_uploads(_STALE_UPLOAD):
+                    log.info("aborted %d stale uploads in the bucket", swept)
+            except StorageError as exc:
+                log.info("could not sweep the bucket's stale uploads: %s", exc)
+            await asyncio.sleep(_STALE_UPLOAD)
 
     # the bucket
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..breaker import CircuitBreaker
 from ..errors import Unavailable
 from ..reference import Digest
 from ..storage.base import Lease, StorageError, StorageUnavailable
@@ -47,9 +46,6 @@ BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]
 # the time another replica waits before taking the fill over.
 LEASE_TTL = 10.0
 _RENEW_EVERY = 3.0
-# After a failed call the bucket is left alone this long (then one call probes it):
-# a store that is down costs one connection attempt per period, not one per request.
-_BUCKET_COOLDOWN = 5.0
 # Multipart uploads begun this long ago belong to fills killed mid-upload (a live one
 # takes seconds): their parts are aborted, at start and then this often.
 _STALE_UPLOAD = 3600.0
@@ -90,7 +86,6 @@ class Fleet:
         self.owner = shared.owner  # this replica's advertised address
         self.metrics = shared.metrics
         self.lease_ttl = lease_ttl
-        self._bucket = CircuitBreaker(1, _BUCKET_COOLDOWN)
         self._alone_logged = False  # Redis down: logged once until it answers
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -116,25 +111,12 @@ class Fleet:
 
     # the bucket
 
-    def _bucket_failed(self, exc: StorageError) -> None:
-        self._bucket.failed()
-        self.shared.failed("bucket", exc)
-
-    def _bucket_answered(self) -> None:
-        self._bucket.succeeded()
-        self.shared.answered("bucket")
-
     async def size(self, digest: Digest) -> int | None:
         """The blob's size in the bucket; None when absent or unreachable."""
-        if not self._bucket.allow():
-            return None
         try:
-            size = await self.objects.stat(digest)
-        except StorageError as exc:
-            self._bucket_failed(exc)
+            return await self.shared.in_bucket(lambda: self.objects.stat(digest))
+        except StorageError:
             return None
-        self._bucket_answered()
-        return size
 
     @asynccontextmanager
     async def _from_bucket(self, digest: Digest, start: int) -> AsyncIterator[BlobResponse]:
@@ -153,7 +135,7 @@ class Fleet:
 
                 yield BlobResponse(reader.size - start, chunks())
         except StorageError as exc:
-            self._bucket_failed(exc)
+            self.shared.failed("bucket", exc)
             raise Unavailable(f"could not read blob {digest} from the bucket: {exc}") from exc
 
     def bucket_source(self, digest: Digest) -> BlobSource:
@@ -162,21 +144,16 @@ class Fleet:
     async def store(self, digest: Digest, path: Path) -> None:
         """Put a verified file into the bucket; a failure costs the fleet a later fill,
         never this one (its readers have every byte already)."""
-        if not self._bucket.allow():
-            self.metrics.unstored_fills.inc()
-            return
         try:
             size = path.stat().st_size
-            await self.objects.put_file(digest, path)
-        except StorageError as exc:
-            self._bucket_failed(exc)
+            await self.shared.in_bucket(lambda: self.objects.put_file(digest, path))
+        except StorageError:
             self.metrics.unstored_fills.inc()
             return
         except OSError as exc:  # the file's fault, not the bucket's
             log.error("could not put blob %s into the bucket: %s", digest, exc)
             self.metrics.unstored_fills.inc()
             return
-        self._bucket_answered()
         await self.shared.stored(digest, size)  # eviction counts it
 
     # choosing the source

@@ -163,6 +163,26 @@ class Metrics:
             "Bytes deleted from the cache by admin purges and verify.",
             registry=r,
         )
+        # Replicas sharing a bucket and Redis ([storage] backend = "s3").
+        self.fleet_fills = Counter(
+            "mirror_fleet_fills_total",
+            "Local blob fills of a replica by source: bucket, lease (this replica went "
+            "upstream for the fleet), peer (streamed from the replica filling it), alone "
+            "(upstream without coordination).",
+            ["source"],
+            registry=r,
+        )
+        self.uncoordinated_fills = Counter(
+            "mirror_uncoordinated_fills_total",
+            "Blob fills from the upstream without the fleet's lease (Redis unreachable, or "
+            "the holder of the lease gone); other replicas may download the same blob.",
+            registry=r,
+        )
+        self.unstored_fills = Counter(
+            "mirror_unstored_fills_total",
+            "Blobs filled from the upstream but not put into the bucket (unreachable).",
+            registry=r,
+        )
         self.shared_failures = Counter(
             "mirror_shared_storage_failures_total",
             "Calls to what replicas share that failed and were done without it, by part "

@@ -46,6 +46,8 @@ from .manifest import MANIFEST_TYPES, OCI_INDEX
 from .metrics import Metrics
 from .reference import Digest, parse_repository, upstream_repository
 from .referrers import ReferrersAnswer, ReferrersCache
+from .replicas.blobs import Fleet, FleetFill
+from .replicas.peers import Peers
 from .replicas.records import ReplicaRecords
 from .replicas.shared import Shared
 from .singleflight import SingleFlight
@@ -66,6 +68,14 @@ _STALE_ON = (Unavailable, TooManyRequests)
 
 class _SlowRoute(Exception):
     """Another upstream's fill of the same digest has not started in time."""
+
+
+@asynccontextmanager
+async def _no_upstream(start: int) -> AsyncIterator[BlobResponse]:
+    """A peer's answer never goes upstream: when the fill it follows cannot go on
+    (a full disk), the answer is aborted and the peer fills the blob its own way."""
+    raise Unavailable("this replica's fill cannot go on")
+    yield  # an async generator, for asynccontextmanager
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,11 @@ class PullThroughCache:
             before_upstream=lambda: self.before_upstream(),
             shared=shared.records if shared is not None else None,
         )
+        # This replica's side of the fleet's blob fills (None on a single host).
+        self.fleet: Fleet | None = None
+        # Digests whose fill a request here is asking the fleet about: the others wait
+        # for that fill rather than ask too (and find this very replica holding the lease).
+        self._planning: dict[Digest, asyncio.Future[None]] = {}
 
     @classmethod
     def from_settings(
@@ -160,12 +175,18 @@ class PullThroughCache:
             **clock,
         )
         cache.max_cached_blob = int(settings.cache.max_size * settings.cache.max_blob_share)
+        if shared is not None:
+            assert settings.storage.peer_secret is not None  # config checks
+            peers = Peers(settings.storage.peer_secret, now=now or time.time)
+            cache.fleet = Fleet(shared, peers)
         return cache
 
     async def start(self) -> None:
         """Connect what needs an event loop (the bucket's client)."""
         if self.shared is not None:
             await self.shared.start()
+        if self.fleet is not None:
+            self.fleet.start()
 
     async def drain(self) -> None:
         """Wait for fills under way to be cached (readers may finish before that)."""
@@ -183,6 +204,8 @@ class PullThroughCache:
         await self.holdings.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        if self.fleet is not None:
+            await self.fleet.aclose()
         if self.shared is not None:
             await self.shared.aclose()
 
@@ -485,22 +508,40 @@ class PullThroughCache:
                 await self.holdings.check(upstream, repository, digest, "blob")
                 return await self._get_blob(upstream, repository, digest, retry=retry)
             return await self._join(fill, "coalesced", gated, upstream, own_route)
-        if self.offline:
+        planning = self._planning.get(digest)
+        if planning is not None:
+            await asyncio.shield(planning)
+            return await self._get_blob(upstream, repository, digest, retry=retry)
+        if self.offline and self.fleet is None:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
-        self.before_upstream()
+        if self.fleet is None:
+            self.before_upstream()
         await gate.acquire()  # before any descriptor is opened for this fill
         fill = self._fills.get(digest)  # started while we waited in line
-        if fill is not None:
+        if fill is not None or digest in self._planning:
             gate.release()
             return await self._get_blob(upstream, repository, digest, retry=retry)
+        planned: FleetFill | None = None
+        if self.fleet is not None:
+            planning = self._planning[digest] = asyncio.get_running_loop().create_future()
         try:
-            started = self._start_fill(upstream, repository, digest, source, gate)
+            if self.fleet is not None:
+                planned = await self._plan_fill(self.fleet, upstream, repository, digest)
+            started = self._start_fill(upstream, repository, digest, source, gate, planned)
         except BaseException:
+            if planned is not None:
+                await planned.discard()
             gate.release()
             raise
+        finally:
+            if planning is not None:  # the fill is in self._fills by now, if it started
+                del self._planning[digest]
+                planning.set_result(None)
         if isinstance(started, Fill):
             return await self._join(started, "miss", gated, upstream, None)
         gate.release()
+        if planned is not None:
+            await planned.discard()
         if started == "cached":
             return await self._get_blob(upstream, repository, digest, retry=retry)
         if started == "foreign":
@@ -511,6 +552,27 @@ class PullThroughCache:
             return await self._follow_foreign(upstream, repository, digest)
         return await PassedThroughBlob(gated).open()
 
+    async def _plan_fill(
+        self, fleet: Fleet, upstream: Upstream, repository: str, digest: Digest
+    ) -> FleetFill:
+        """Where a replica's fill comes from. Content from the bucket or a peer was
+        fetched for some repository: this one must be known to hold it, as for a hit."""
+        if self.offline:
+            if await fleet.size(digest) is None:
+                raise self._offline_error(BlobUnknown, f"blob {digest}")
+            planned = FleetFill("bucket", fleet.bucket_source(digest))
+        else:
+            planned = await fleet.plan(digest)
+        try:
+            if planned.from_upstream:
+                self.before_upstream()
+            else:
+                await self.holdings.check(upstream, repository, digest, "blob")
+        except BaseException:
+            await planned.discard()
+            raise
+        return planned
+
     def _start_fill(
         self,
         upstream: Upstream,
@@ -518,9 +580,11 @@ class PullThroughCache:
         digest: Digest,
         source: BlobSource,
         gate: FillGate,
+        planned: FleetFill | None = None,
     ) -> Fill | str:
         """Start filling ``digest`` with the slot taken from ``gate``, which the fill
-        releases; else "cached", "foreign" (another worker fills it) or "no-disk"."""
+        releases; else "cached", "foreign" (another worker fills it) or "no-disk".
+        With replicas, ``planned`` says where from, and what is owed the fleet after."""
         lock = FileLock(self.store.lock_path(digest))
         try:
             if not lock.try_acquire():
@@ -546,15 +610,26 @@ class PullThroughCache:
             return "no-disk"
         self._fills[digest] = fill
         self._fill_for[digest] = (upstream.name, repository)
+        fleet = self.fleet
+        if planned is not None and planned.stream is not None:
+            source = planned.stream
 
         async def adopt(path: Path) -> None:
+            if fleet is not None and planned is not None and planned.from_upstream:
+                # In the bucket before the lease is let go: whoever asks next finds it.
+                await fleet.store(digest, path)
             await self.holdings.note(upstream.name, repository, digest)
             self._evicted(await self._disk(self.store.adopt_blob, path, digest))
 
         async def run() -> None:
             self.metrics.fills_in_flight.inc()
             try:
-                await fill.run(lambda: source(0), adopt)
+                if fleet is not None and planned is not None:
+                    self.metrics.fleet_fills.labels(planned.source).inc()
+                    async with fleet.holding(planned):
+                        await fill.run(lambda: source(0), adopt)
+                else:
+                    await fill.run(lambda: source(0), adopt)
             finally:
                 self._fills.pop(digest, None)
                 self._fill_for.pop(digest, None)
@@ -653,12 +728,44 @@ class PullThroughCache:
             await fill.ready.wait()
             fill.outcome()
             return fill.size
+        if self.fleet is not None:
+            stored = await self.fleet.size(digest)
+            if stored is not None:
+                await self.holdings.check(upstream, repository, digest, "blob")
+                return stored
         if self.offline:
             raise self._offline_error(BlobUnknown, f"blob {digest}")
         self.before_upstream()
         size = await upstream.head_blob(repository, digest)
         await self.holdings.note(upstream.name, repository, digest)
         return size
+
+    async def peer_blob(self, digest: Digest) -> Blob | None:
+        """The blob as this replica holds it, for another replica: cached, or its fill
+        here (bytes as they land, the last ones once verified); None when it has neither.
+        Never from the upstream, and for no repository: the route is for replicas only."""
+        handle = self.store.memo_open_blob(digest) or await self._disk(self.store.open_blob, digest)
+        if handle is not None:
+            return CachedBlob(handle)
+        fill = self._fills.get(digest)
+        if fill is not None:
+            fd = fill.open_reader()  # before any await: the fill may end meanwhile
+            try:
+                await fill.ready.wait()
+                fill.outcome()
+            except BaseException:
+                fill.close_reader(fd)
+                raise
+            return FollowedBlob(fill, fd, "coalesced", _no_upstream)
+        lock_path = self.store.lock_path(digest)
+        if lock_is_held(lock_path):  # another worker of this replica fills it
+            try:
+                fd = os.open(self.store.temp_path(digest), os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            open_cached = functools.partial(self.store.open_blob, digest)
+            return ForeignBlob(digest, fd, lock_path, open_cached)
+        return None
 
     def _may_follow(self, upstream: Upstream, repository: str, digest: Digest) -> bool:
         """May a request follow a fill under way, ours (for some repository) or

@@ -51,14 +51,24 @@ LAYERS = [
         "replicas.shared",
         "replicas.records",
         "replicas.eviction",
+        "replicas.peers",
+        "replicas.blobs",
     },
     {"referrers", "service"},
-    {"warm", "layout", "web.access_log", "web.auth", "admin.operations", "web.admin"},
+    {
+        "warm",
+        "layout",
+        "web.access_log",
+        "web.auth",
+        "admin.operations",
+        "web.admin",
+        "web.peers",
+    },
     {"web.app", "web.server"},
     {"cli.main", "cli.admin", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.
-WEB = {"web.app", "web.access_log", "web.auth", "web.admin"}
+WEB = {"web.app", "web.access_log", "web.auth", "web.admin", "web.peers"}
 
 
 def _modules() -> dict[str, Path]:

@@ -49,6 +49,7 @@ from ..upstream.client import Upstream
 from .access_log import AccessLog
 from .admin import AdminRoutes
 from .auth import Gate
+from .peers import peer_routes
 from .server import ZERO_COPY
 
 __all__ = ["create_app"]
@@ -464,6 +465,9 @@ def create_app(
         Route("/readyz", readyz),
         *admin.routes(),
     ]
+    if settings.storage.peer_secret is not None:  # replicas stream blobs from one another
+        secret = settings.storage.peer_secret
+        routes += peer_routes(cache, secret, _blob_response, **({"now": now} if now else {}))
     if gate.tokens is not None:
         routes.append(Route("/token", guard(gate.token_endpoint, "token"), methods=["GET", "POST"]))
     if settings.server.metrics_address is None:

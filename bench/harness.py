@@ -64,11 +64,13 @@ from .procs import (
     wait_quiet,
 )
 from .profile import py_spy, summarize
+from .replicas import replica_figures, step_replicas
 from .report import Against, Condition, Figure, render_table, write_json
 
 MiB = 1024 * 1024
-STEPS = ("link", "1", "2", "3", "4", "5", "6", "7")
-COLD_STEPS = {"1", "3", "6"}  # the steps that pull through the link (which "link" checks)
+STEPS = ("link", "1", "2", "3", "4", "5", "6", "7", "8")
+DEFAULT_STEPS = set(STEPS) - {"8"}  # step 8 starts 9 servers and takes minutes: on request
+COLD_STEPS = {"1", "3", "6", "8"}  # the steps that pull through the link (which "link" checks)
 STEP_NAMES = {
     "cold": "1",
     "warm": "2",
@@ -77,6 +79,7 @@ STEP_NAMES = {
     "blobs": "5",
     "rss": "6",
     "mixed": "7",
+    "replicas": "8",
 }
 ACCEPT = ", ".join(ALL_MANIFEST_TYPES)
 CONCURRENT_PULLS = 10
@@ -254,6 +257,7 @@ def _figures(plan: Plan, rate: float) -> list[Figure]:
         Figure("6", "peak_rss", "peak RSS during step 3", "MiB", 1,
                targets=(Condition("<=", 150),)),
         *(figure for load in MIXED_LOADS for figure in _mixed_figures(load)),
+        *replica_figures(plan),
     ]  # fmt: skip
 
 
@@ -968,6 +972,7 @@ class Bench:
             ("4", self.step_manifests),
             ("5", self.step_blobs),
             ("7", self.step_mixed),
+            ("8", lambda: step_replicas(self, _mirror_executable())),
         ):
             wanted = (
                 number in self.steps
@@ -1082,7 +1087,7 @@ def _versions() -> dict[str, str]:
 
 def _parse_steps(values: Sequence[str] | None) -> set[str]:
     if not values:
-        return set(STEPS)
+        return set(DEFAULT_STEPS)
     steps: set[str] = set()
     for value in values:
         for item in value.split(","):
@@ -1104,9 +1109,9 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         metavar="STEP",
-        help="run only this step: link, 1-6 or cold, warm, concurrent, manifests, blobs, rss "
-        "(repeatable or comma separated; 6 runs 3, where RSS is sampled; 1, 3 and 6 run the "
-        "link check too)",
+        help="run only this step: link, 1-8 or cold, warm, concurrent, manifests, blobs, rss, "
+        "mixed, replicas (repeatable or comma separated; 6 runs 3, where RSS is sampled; 1, 3, "
+        "6 and 8 run the link check too; 8 is not part of the default run)",
     )
     parser.add_argument(
         "--upstream-rate",

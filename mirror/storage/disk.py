@@ -71,7 +71,7 @@ _FOOTPRINT = (
 # metrics and the status page read them without counting a million rows.
 _KIND = "substr({row}.key, 1, instr({row}.key, ':') - 1)"
 _KINDS_SCHEMA = (
-    "CREATE TABLE Kinds (kind TEXT PRIMARY KEY, entries INTEGER NOT NULL)",
+    "CREATE TABLE Kinds (kind TEXT PRIMARY KEY, entries INTEGER NOT NULL) WITHOUT ROWID",
     f"INSERT INTO Kinds SELECT {_KIND.format(row='Cache')}, COUNT(*) FROM Cache GROUP BY 1",
     "CREATE TRIGGER Kinds_insert AFTER INSERT ON Cache FOR EACH ROW BEGIN"
     f" INSERT INTO Kinds VALUES ({_KIND.format(row='NEW')}, 1)"

@@ -39,8 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diskcache
 import httpx
 
+from mirror.holdings import _BACKFILLED, _EXPANDED, _HELD
 from mirror.manifest import MANIFEST_TYPES, OCI_MANIFEST
 from mirror.storage.disk import Store
 from tests.support.ports import free_port, wait_http_ok
@@ -82,6 +84,10 @@ def build(directory: Path, entries: int) -> dict[str, Any]:
     the others hard links to one filler file (1 KiB; ext4 allows 65,000 links per inode),
     never read. The index, listing, eviction and unlinking see one file per entry as usual.
 
+    The repositories' holdings records (which digests each repository is known to hold) go
+    in as the mirror would have written them when it cached these entries; without them the
+    first start backfills them from the tag records, a one-time upgrade step of its own.
+
     The rows go in without triggers (a third of the time), then diskcache's books are set
     from the rows and a Store opens the index as one from before the per-kind counters:
     diskcache puts its triggers back, the store counts the kinds once (timed: what the
@@ -98,6 +104,8 @@ def build(directory: Path, entries: int) -> dict[str, Any]:
     accept = ",".join(MANIFEST_TYPES)
     now = time.time() - entries  # one second apart: a strict LRU order, newest last
     rows: list[tuple[Any, ...]] = []
+    held: list[tuple[Any, ...]] = []
+    holdings = _holdings(directory)
     fillers = directory.parent / "fillers"
     fillers.mkdir(exist_ok=True)
     real = entries - min(HITS, entries // 2)  # from here on: read by the hit load
@@ -110,6 +118,13 @@ def build(directory: Path, entries: int) -> dict[str, Any]:
             rows,
         )
         rows.clear()
+        holdings.executemany(
+            "INSERT OR REPLACE INTO Cache (key, raw, store_time, expire_time, access_time,"
+            " access_count, tag, size, mode, filename, value)"
+            " VALUES (?, 1, 0, NULL, 0, 0, NULL, 0, 1, NULL, ?)",
+            held,
+        )
+        held.clear()
 
     for i in range(entries):
         data = _blob(i)
@@ -136,6 +151,9 @@ def build(directory: Path, entries: int) -> dict[str, Any]:
         value = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
         key = f"tag:docker.io/scale/r{i % 1000}:t{i}|{accept}"
         rows.append((key, t, t, 0, _MODE_PICKLE, None, value))
+        holder = f"docker.io/scale/r{i % 1000}"
+        held.append((f"{holder}@sha256:{manifest}", _EXPANDED))
+        held.append((f"{holder}@sha256:{hexdigest}", _HELD))
         if len(rows) >= 30_000:
             flush()
     flush()
@@ -143,12 +161,27 @@ def build(directory: Path, entries: int) -> dict[str, Any]:
     db.execute("UPDATE Settings SET value = (SELECT SUM(size) FROM Cache) WHERE key = 'size'")
     db.commit()
     db.close()
+    holdings.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
+    holdings.commit()
+    holdings.close()
     built = time.monotonic()
     Store(directory, 1 << 50).close()
     return {"entries": entries, "seconds": round(time.monotonic() - started, 1),
             "first_open_seconds": round(time.monotonic() - built, 1),
             "blob_bytes": entries * BLOB_SIZE,
             "index_bytes": (directory / "cache.db").stat().st_size}  # fmt: skip
+
+
+def _holdings(directory: Path) -> sqlite3.Connection:
+    """The holdings index, marked as needing no backfill, open for bulk inserts."""
+    records = diskcache.Cache(str(directory / "holdings"), eviction_policy="none")
+    records.set(_BACKFILLED, True)
+    records.close()
+    db = sqlite3.connect(directory / "holdings" / "cache.db")
+    db.execute("PRAGMA synchronous = OFF")
+    for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+        db.execute(f"DROP TRIGGER {trigger}")  # diskcache puts them back when it opens it
+    return db
 
 
 def housekeeping(directory: Path) -> dict[str, Any]:

@@ -477,7 +477,7 @@ class Store:
         call elsewhere takes over); in the others it does nothing and returns 0.
         """
         if self._sweeper is None:
-            lock = FileLock(self.lock_dir / "orphan-sweeper.lock")
+            lock = FileLock(self.directory / "sweeper.lock")
             if not lock.try_acquire():
                 return 0
             self._sweeper = lock

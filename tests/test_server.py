@@ -17,7 +17,7 @@ import pytest
 from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.server import uvicorn_options
-from tests.conftest import live_server, make_settings
+from tests.conftest import fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
 from tests.support.descriptors import open_descriptors
 from tests.support.hostile import served
@@ -89,6 +89,7 @@ async def test_cached_blobs_go_by_sendfile_whole_in_ranges_and_to_http_1_0(
     async with httpx.AsyncClient(base_url=live.url) as client:
         assert (await client.get(path)).content == data  # the miss: from the fill
         assert sendfile_calls == []
+        await fills_settled(client)  # the miss may end before its blob is in the cache
         whole = await client.get(path)
         ranged = await client.get(path, headers={"Range": "bytes=100-1048675"})
         tail = await client.get(path, headers={"Range": "bytes=-70000"})

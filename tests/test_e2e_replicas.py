@@ -10,7 +10,7 @@ import concurrent.futures
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,19 +280,28 @@ def test_killing_the_replica_that_fills_fails_its_waiters_cleanly_and_a_retry_su
         _close(link, [a, b, c])
 
 
+def _pull_on_each_with_a_fault_mid_fill(
+    replicas: list[MirrorProcess], tmp_path: Path, fault: Callable[[], object]
+) -> list[str]:
+    """One pull on each replica at once, ``fault()`` once a fill runs; their digests."""
+    with concurrent.futures.ThreadPoolExecutor(len(replicas)) as pool:
+        pulls = [
+            pool.submit(_pull_image, replica, tmp_path / f"pull-{i}")
+            for i, replica in enumerate(replicas)
+        ]
+        while sum(metric(r, "mirror_fills_in_flight") for r in replicas) == 0:
+            assert not any(p.done() for p in pulls), [p.result() for p in pulls]
+        fault()
+        return [p.result() for p in pulls]
+
+
 def test_pulls_succeed_uncoordinated_when_redis_stops_mid_pull(
     upstream: Upstream, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
 ) -> None:
     link, replicas = _fleet(upstream, "8MB/s", seaweed, redis, tmp_path)
     try:
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            pulls = [
-                pool.submit(_pull_image, replicas[i], tmp_path / f"pull-{i}") for i in range(3)
-            ]
-            while sum(metric(r, "mirror_fills_in_flight") for r in replicas) == 0:
-                assert not any(p.done() for p in pulls), [p.result() for p in pulls]
-            redis.stop()
-            assert [p.result() for p in pulls] == [upstream.image.manifest_digest] * 3
+        digests = _pull_on_each_with_a_fault_mid_fill(replicas, tmp_path, redis.stop)
+        assert digests == [upstream.image.manifest_digest] * 3
         # With Redis still down, a miss is filled all the same, and counted.
         pulled = skopeo.copy_to_dir(replicas[1].ref("library/big:1"), tmp_path / "big")
         assert pulled == upstream.big.manifest_digest
@@ -308,14 +317,8 @@ def test_pulls_succeed_from_upstream_and_hot_tiers_when_the_bucket_stops_mid_pul
         s3 = store.endpoint
         link, replicas = _fleet(upstream, "4MB/s", s3, redis, tmp_path)
         try:
-            with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                pulls = [
-                    pool.submit(_pull_image, replicas[i], tmp_path / f"pull-{i}") for i in range(3)
-                ]
-                while sum(metric(r, "mirror_fills_in_flight") for r in replicas) == 0:
-                    assert not any(p.done() for p in pulls), [p.result() for p in pulls]
-                store.kill()
-                assert [p.result() for p in pulls] == [upstream.image.manifest_digest] * 3
+            digests = _pull_on_each_with_a_fault_mid_fill(replicas, tmp_path, store.kill)
+            assert digests == [upstream.image.manifest_digest] * 3
             # Down still: a miss is filled from the upstream into the hot tier only.
             pulled = skopeo.copy_to_dir(replicas[1].ref("library/big:1"), tmp_path / "big")
             assert pulled == upstream.big.manifest_digest

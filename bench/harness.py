@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -38,7 +39,9 @@ from tests.support.images import (
     write_image,
     write_index,
 )
+from tests.support.redis import RedisServer
 from tests.support.registry import AccessLogEntry, UpstreamRegistry, parse_access_log
+from tests.support.seaweed import SeaweedS3
 
 from .link import format_rate, parse_rate
 from .load import (
@@ -58,6 +61,7 @@ from .procs import (
     MirrorServer,
     ReferenceProxy,
     RssSampler,
+    SharedStorage,
     UpstreamLink,
     foreign_load,
     get_ok,
@@ -310,6 +314,7 @@ class Bench:
     rate: float  #: the upstream link's bandwidth in bytes/s, 0 for none
     latency_ms: float  #: the upstream link's delay per connection setup
     profile: Path | None = None  #: where step 7 writes py-spy profiles of the mirror
+    storage: str = "disk"  #: "s3": the mirror runs as a replica on SeaweedFS and Redis
     figures: dict[str, Figure] = field(init=False)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -444,8 +449,9 @@ class Bench:
         # The reference exits at start when the upstream is down: it comes second.
         self.reference = ReferenceProxy(self.work / "reference", f"http://{upstream_host}")
         stack.enter_context(self.reference)
+        shared = self.shared_storage(stack) if self.storage == "s3" else None
         self.mirror = MirrorServer(
-            self.work / "mirror", f"http://{upstream_host}", _mirror_executable()
+            self.work / "mirror", f"http://{upstream_host}", _mirror_executable(), shared
         )
         stack.enter_context(self.mirror)
         self.endpoints = {
@@ -455,6 +461,22 @@ class Bench:
             "direct via link": Endpoint("direct", upstream_host, token=self.direct_token),
         }
         self.say(f"mirror {self.mirror.url}, reference {self.reference.url}")
+
+    def shared_storage(self, stack: ExitStack) -> SharedStorage:
+        """A SeaweedFS bucket and a redis-server for the mirror to use as a replica."""
+        s3 = stack.enter_context(SeaweedS3(bucket="mirror-bench")).endpoint
+        redis = stack.enter_context(RedisServer())
+        self.say(f"mirror storage: bucket {s3.url}/{s3.bucket}, redis {redis.url}")
+        return SharedStorage(
+            s3.url,
+            s3.bucket,
+            {
+                "AWS_ACCESS_KEY_ID": s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                "MIRROR_REDIS_URL": redis.url,
+                "MIRROR_PEER_SECRET": secrets.token_hex(32),
+            },
+        )
 
     def server_pid(self, endpoint: Endpoint) -> int:
         """The process answering ``endpoint``: the cache, or the upstream registry."""
@@ -1136,6 +1158,13 @@ def _parser() -> argparse.ArgumentParser:
         help="step 7: also sample the mirror with py-spy under each load, into DIR",
     )
     parser.add_argument(
+        "--storage",
+        choices=("disk", "s3"),
+        default="disk",
+        help="s3: the mirror runs as a replica (its disk a hot tier in front of a SeaweedFS "
+        "bucket, records in Redis), cold starts on a fresh key prefix (default: disk)",
+    )
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -1196,6 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate=args.upstream_rate,
         latency_ms=args.upstream_latency_ms,
         profile=args.profile,
+        storage=args.storage,
     )
     interrupted = False
     logs: dict[str, Any] = {}

@@ -151,11 +151,22 @@ class MirrorServer(CacheServer):
 
     name = "mirror"
 
-    def __init__(self, workdir: Path, upstream_url: str, executable: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        executable: Path,
+        shared: SharedStorage | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.executable = executable.absolute()
         self.config_path = workdir / "mirror.toml"
-        self.config_path.write_text(
+        self.upstream_url = upstream_url
+        self.shared = shared
+        self._write_config()
+
+    def _write_config(self) -> None:
+        config = (
             "[server]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
@@ -166,9 +177,27 @@ class MirrorServer(CacheServer):
             'max_size = "20GiB"\n'
             "[[upstreams]]\n"
             'name = "docker.io"\n'
-            f"url = {json.dumps(upstream_url)}\n"
+            f"url = {json.dumps(self.upstream_url)}\n"
             'tag_ttl = "5m"\n'
         )
+        if self.shared is not None:
+            # A replica of one: a fresh key prefix per cold start, so that cold is cold
+            # in the bucket and in Redis too.
+            config += (
+                "[storage]\n"
+                'backend = "s3"\n'
+                f"endpoint = {json.dumps(self.shared.endpoint)}\n"
+                f"bucket = {json.dumps(self.shared.bucket)}\n"
+                f"prefix = {json.dumps(f'bench-{secrets.token_hex(4)}/')}\n"
+                f"advertise_url = {json.dumps(self.url)}\n"
+            )
+        self.config_path.write_text(config)
+
+    def cold(self) -> None:
+        if self.shared is not None:
+            self.stop()
+            self._write_config()
+        super().cold()
 
     @property
     def storage(self) -> Path:
@@ -179,7 +208,19 @@ class MirrorServer(CacheServer):
 
     def environment(self) -> dict[str, str]:
         # MIRROR_* variables would override the generated config.
-        return {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        if self.shared is not None:
+            environ.update(self.shared.environment)
+        return environ
+
+
+@dataclass(frozen=True)
+class SharedStorage:
+    """A bucket and a Redis for the mirror to run as a replica (``--storage s3``)."""
+
+    endpoint: str
+    bucket: str
+    environment: dict[str, str]
 
 
 class ReferenceProxy(CacheServer):

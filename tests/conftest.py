@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -10,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 
 from mirror.config import Settings, parse
@@ -18,6 +16,7 @@ from mirror.storage.redis import RedisSettings
 from mirror.web.app import create_app
 from mirror.web.server import uvicorn_options
 from tests.fakes import TOKEN_REALM, FakeRegistry
+from tests.support.hostile import served
 from tests.support.images import ImageInfo, IndexInfo, write_image, write_index
 from tests.support.mirror import MirrorProcess
 from tests.support.redis import RedisServer
@@ -93,8 +92,9 @@ class app_client:  # noqa: N801 - used like a function
         self.app.state.cache.store.close()
 
 
-class live_server:  # noqa: N801 - used like a function
-    """The app served by a real uvicorn on 127.0.0.1:<free port>, in the test's event loop.
+class live_server(served):  # noqa: N801 - used like a function
+    """The app served by a real uvicorn on 127.0.0.1:<free port>, in the test's event loop,
+    with its lifespan, letting requests under way finish at the end.
 
     In-process transports buffer whole bodies; streaming, aborts and overlapping
     requests need real connections.
@@ -102,27 +102,7 @@ class live_server:  # noqa: N801 - used like a function
 
     def __init__(self, app: Starlette, **options: Any) -> None:
         self.app = app
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        port = self.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", **options)
-        self.server = uvicorn.Server(config)
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> live_server:
-        self._task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
-        while not self.server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.005)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        assert self._task is not None
-        await self._task
-        self.socket.close()
+        super().__init__(app, force_exit=False, **{"lifespan": "on", "http": "auto", **options})
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mirror.config import parse
+from mirror.config import Settings, parse
 from mirror.service import PullThroughCache
 from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
@@ -94,22 +94,29 @@ async def test_abandoned_downloads_leave_the_upstream_to_everyone_else(
         assert open_descriptors() <= before
 
 
+def _healthy_and_silent(
+    tmp_path: Path, healthy: str, silent: str, *, join_timeout: float
+) -> Settings:
+    """The default upstream answers; ``bad.example`` accepts connections and says nothing."""
+    return parse(
+        {
+            "cache": {"directory": str(tmp_path / "cache")},
+            "upstreams": [
+                {"name": "docker.io", "url": healthy, "retries": 0, "join_timeout": join_timeout},
+                {"name": "bad.example", "url": silent, "retries": 0},
+            ],
+        },
+        environ={},
+    )
+
+
 async def test_a_route_that_never_answers_does_not_hold_a_healthy_one(
     tmp_path: Path, fake: FakeRegistry
 ) -> None:
     data = os.urandom(2 * 1024 * 1024)
     digest = fake.add_blob(data)
     async with SilentServer() as silent, HandlerServer(fake) as healthy:
-        settings = parse(
-            {
-                "cache": {"directory": str(tmp_path / "cache")},
-                "upstreams": [
-                    {"name": "docker.io", "url": healthy.url, "retries": 0, "join_timeout": 0.3},
-                    {"name": "bad.example", "url": silent.url, "retries": 0},
-                ],
-            },
-            environ={},
-        )
+        settings = _healthy_and_silent(tmp_path, healthy.url, silent.url, join_timeout=0.3)
         app = create_app(settings)
         async with app_client(app) as client:
             stuck = asyncio.create_task(client.get(f"/v2/bad.example/library/a/blobs/{digest}"))
@@ -126,16 +133,7 @@ async def test_a_joiner_whose_fill_failed_upstream_retries_through_its_own_route
     data = os.urandom(2 * 1024 * 1024)
     digest = fake.add_blob(data)
     async with SilentServer() as silent, HandlerServer(fake) as healthy:
-        settings = parse(
-            {
-                "cache": {"directory": str(tmp_path / "cache")},
-                "upstreams": [
-                    {"name": "docker.io", "url": healthy.url, "retries": 0, "join_timeout": 600},
-                    {"name": "bad.example", "url": silent.url, "retries": 0},
-                ],
-            },
-            environ={},
-        )
+        settings = _healthy_and_silent(tmp_path, healthy.url, silent.url, join_timeout=600)
         app = create_app(settings)
         cache: PullThroughCache = app.state.cache
         async with app_client(app) as client:

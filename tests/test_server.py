@@ -143,7 +143,7 @@ async def test_zero_copy_is_offered_on_plain_tcp_only(tmp_path: Path) -> None:
     async with served(app, **options) as plain:
         async with httpx.AsyncClient(base_url=plain.url) as client:
             assert (await client.get("/")).status_code == 200
-    tls = {"ssl_certfile": str(issued.certificate), "ssl_keyfile": str(issued.key)}
+    tls: dict[str, Any] = {"ssl_certfile": str(issued.certificate), "ssl_keyfile": str(issued.key)}
     async with served(app, **options, **tls) as secure:
         url = secure.url.replace("http:", "https:")
         trust = ssl.create_default_context(cafile=str(ca.certificate))

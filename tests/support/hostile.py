@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import uvicorn
@@ -22,8 +22,13 @@ class served:  # noqa: N801 - used like a function
     """An ASGI app on uvicorn at 127.0.0.1:<free port>, in the test's event loop."""
 
     def __init__(
-        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], **options: Any
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        *,
+        force_exit: bool = True,
+        **options: Any,
     ) -> None:
+        self.force_exit = force_exit  # streams held open by a scenario end with the server
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
@@ -33,7 +38,7 @@ class served:  # noqa: N801 - used like a function
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> served:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
         while not self.server.started:
             if self._task.done():
@@ -43,7 +48,7 @@ class served:  # noqa: N801 - used like a function
 
     async def __aexit__(self, *exc: object) -> None:
         self.server.should_exit = True
-        self.server.force_exit = True  # streams held open by a scenario end with it
+        self.server.force_exit = self.force_exit
         assert self._task is not None
         await self._task
         self.socket.close()

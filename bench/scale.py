@@ -24,6 +24,7 @@ Everything runs on 127.0.0.1 under one temporary directory removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ from tests.support.ports import free_port, wait_http_ok
 
 from .load import run_wrk_mix
 from .procs import tree_rss
+from .profile import py_spy, summarize
 
 MiB = 1024 * 1024
 BLOB_SIZE = 1024  # a config blob
@@ -290,7 +292,9 @@ def _cull(directory: Path, max_size: int, into: dict[str, Any]) -> None:
         store.close()
 
 
-def measure(entries: int, work: Path, seconds: float) -> dict[str, Any]:
+def measure(
+    entries: int, work: Path, seconds: float, profile: Path | None = None
+) -> dict[str, Any]:
     directory = work / "cache"
     result: dict[str, Any] = {"build": build(directory, entries)}
     result["housekeeping"] = housekeeping(directory)
@@ -309,12 +313,16 @@ def measure(entries: int, work: Path, seconds: float) -> dict[str, Any]:
         cap = int(volume.bytes * 0.9)
         evict: dict[str, Any] = {"volume_bytes": volume.bytes, "cap_bytes": cap}
         culler = threading.Thread(target=_cull, args=(directory, cap, evict))
-        culler.start()
-        # wrk runs back to back until the cull is over: the worst window is the figure
-        windows: list[dict[str, Any]] = []
-        while culler.is_alive() or not windows:
-            windows.append(_wrk(server, requests, min(seconds, 5), work))
-        culler.join()
+        sampled: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if profile is not None:  # the server while it serves hits during the cull
+            sampled = py_spy(server.pid, profile / f"eviction-{entries}.txt")
+        with sampled:
+            culler.start()
+            # wrk runs back to back until the cull is over: the worst window is the figure
+            windows: list[dict[str, Any]] = []
+            while culler.is_alive() or not windows:
+                windows.append(_wrk(server, requests, min(seconds, 5), work))
+            culler.join()
         with _Volume(directory) as volume:
             pass
         evict["volume_after_bytes"] = volume.bytes
@@ -366,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 100000)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=5, help="each wrk run (default: 5)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/scale.json"))
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy profiles of the server during the evictions")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     sizes = [1000, *(args.entries or [100_000])]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mirror-scale-") as tmp:
@@ -375,9 +387,14 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir()
             load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(f"scale: {entries} blobs, manifests and tags (load {load}) …", flush=True)
-            results[str(entries)] = measure(entries, work, args.seconds)
+            results[str(entries)] = measure(entries, work, args.seconds, args.profile)
             results[str(entries)]["load_average"] = [round(x, 1) for x in os.getloadavg()]
             print(json.dumps(results[str(entries)], indent=1), flush=True)
+            if args.profile is not None:
+                samples, rows = summarize(args.profile / f"eviction-{entries}.txt")
+                print(f"server during the eviction: {samples} samples, inclusive/self:")
+                for name, inclusive, own in rows:
+                    print(f"  {inclusive:6.1%} {own:6.1%}  {name}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")

@@ -6,6 +6,7 @@ cache directory, as a second worker would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -208,6 +209,41 @@ def test_adoptions_in_another_process_during_a_large_cull_stay_whole(tmp_path: P
         handle.close()
     _consistent(tmp_path)
     adopter.close()
+
+
+def _access_times(directory: Path) -> dict[str, float]:
+    with contextlib.closing(sqlite3.connect(directory / "cache.db")) as db:
+        return dict(db.execute("SELECT key, access_time FROM Cache"))
+
+
+def test_reads_do_not_wait_for_a_write_under_way_and_still_count_as_uses(
+    tmp_path: Path,
+) -> None:
+    """An eviction's batch (or any worker's write) holds the index's write lock: a hit
+    read from the index answers meanwhile, and its use is written once the lock is free."""
+    store = Store(tmp_path, 1 << 40)
+    blob = _adopt(store, b"blob bytes")
+    manifest = Digest("sha256", "1" * 64)
+    store.put_manifest(manifest, "application/json", b"{}")
+    store.put_tag("docker.io", "a", "1", ("application/json",), manifest, "application/json")
+    store.close()
+    before = _access_times(tmp_path)
+    reader = Store(tmp_path, 1 << 40)  # another worker: nothing of it in memory
+    reader.index.close()
+    reader.index._timeout = 0  # no patience at all for a lock
+    with contextlib.closing(sqlite3.connect(tmp_path / "cache.db", isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        handle = reader.open_blob(blob)
+        assert handle is not None and handle.read() == b"blob bytes"
+        handle.close()
+        assert reader.get_manifest(manifest) == ("application/json", b"{}")
+        tag = reader.get_tag("docker.io", "a", "1", ("application/json",))
+        assert tag is not None and tag.digest == manifest
+        assert reader.writable()
+        db.execute("ROLLBACK")
+    reader.close()  # writes the uses behind
+    after = _access_times(tmp_path)
+    assert all(after[key] > before[key] for key in before), (before, after)
 
 
 def test_facts_count_entries_by_kind_through_adds_evictions_and_purges(tmp_path: Path) -> None:

@@ -276,7 +276,7 @@ class Store:
         known = self.memo_open_blob(digest)
         if known is not None:
             return known
-        handle: BinaryIO | None = self._index.get(_blob_key(digest), read=True)
+        handle: BinaryIO | None = self._read(_blob_key(digest), file=True)
         if handle is not None:
             self._blob_paths.put(str(digest), handle.name)
         return handle
@@ -290,7 +290,7 @@ class Store:
         Returns how many entries were evicted to make room.
         """
         self._index.set(_blob_key(digest), AdoptFile(temp, digest))
-        handle = self._index.get(_blob_key(digest), read=True)
+        handle = self._read(_blob_key(digest), file=True, use=False)
         if handle is not None:  # the file's name is the index's choice: remember it
             handle.close()
             self._blob_paths.put(str(digest), handle.name)
@@ -319,7 +319,7 @@ class Store:
         if memo is not None:
             return memo
         key = _manifest_key(digest)
-        value = self._index.get(key)
+        value = self._read(key)
         if value is None:
             return None
         media_type, body = value
@@ -333,6 +333,31 @@ class Store:
         self._index.set(key, (media_type, body))
         self._memo.put(key, (media_type, body), len(body))
         return self._cull()
+
+    def _read(self, key: str, *, file: bool = False, use: bool = True) -> Any:
+        """An entry's value (an open handle on its file with ``file``), or None; ``use``
+        marks it recently used, written behind.
+
+        diskcache's ``get`` under LRU writes the access time in a transaction of its own:
+        every read would take the index's write lock, and wait behind an eviction (or any
+        other worker's write) for as long as it holds it. A plain read sees the last
+        commit and never waits for one.
+        """
+        rows = self._index._sql(
+            "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+            " AND (expire_time IS NULL OR expire_time > ?)",
+            (key, time.time()),
+        ).fetchall()
+        if not rows:
+            return None
+        ((mode, filename, value),) = rows
+        try:
+            found = self._index.disk.fetch(mode, filename, value, file)
+        except OSError:  # evicted between the read and the open
+            return None
+        if use:
+            self._access_times.touch(key)
+        return found
 
     # eviction
 
@@ -379,7 +404,7 @@ class Store:
         record = self._memo_tag(key)
         if record is not None:
             return record
-        value = self._index.get(key)
+        value = self._read(key)
         if value is None:
             return None
         digest, media_type, checked_at = value
@@ -420,7 +445,7 @@ class Store:
         return self._index.transact()  # type: ignore[no-any-return]
 
     def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
-        value = self._index.get(f"tags:{upstream}/{repository}")
+        value = self._read(f"tags:{upstream}/{repository}")
         return list(value) if value is not None else None
 
     def put_tag_list(self, upstream: str, repository: str, tags: list[str]) -> int:
@@ -432,7 +457,7 @@ class Store:
         self, upstream: str, repository: str, digest: Digest
     ) -> tuple[bytes, float] | None:
         """The last referrers index of a subject, and when the upstream gave it."""
-        value = self._index.get(f"referrers:{upstream}/{repository}@{digest}")
+        value = self._read(f"referrers:{upstream}/{repository}@{digest}")
         return None if value is None else (bytes(value[0]), float(value[1]))
 
     def put_referrers(self, upstream: str, repository: str, digest: Digest, body: bytes) -> None:
@@ -445,7 +470,7 @@ class Store:
             self._index.set(f"missing:{key}", True, expire=ttl)
 
     def is_missing(self, key: str) -> bool:
-        return bool(self._index.get(f"missing:{key}", False))
+        return bool(self._read(f"missing:{key}"))
 
     # catalog
 
@@ -523,7 +548,7 @@ class Store:
         try:
             with tempfile.TemporaryFile(dir=self.tmp_dir):
                 pass
-            self._index.get("readiness-probe")
+            self._read("readiness-probe")
         except (OSError, sqlite3.Error):
             return False
         return True

@@ -27,6 +27,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
 from .storage.base import StorageError
 from .storage.disk import Store
+from .storage.locks import FileLock
 from .storage.redis import RedisRecords
 from .upstream.client import Upstream
 
@@ -62,7 +64,9 @@ _HELD: Literal[1] = 1
 _EXPANDED: Literal[2] = 2
 # Set once what a cache made before holdings were recorded showed was recorded.
 _BACKFILLED = "backfilled-from-tag-records"
-_BATCH = 512  # tag records backfilled per transaction
+_BATCH = 256  # tag records backfilled per transaction
+_BACKFILL_AFTER = "backfilled-up-to"  # the last tag record's key done so far
+_BACKFILL_WAIT = 1.0  # seconds between looks at another worker's backfill
 
 
 def _digests(descriptors: object) -> list[Digest]:
@@ -107,10 +111,14 @@ class _Records:
     """
 
     def __init__(self, directory: Path, memory_entries: int) -> None:
+        self._directory = directory
         self._disk = diskcache.Cache(str(directory), eviction_policy="none", timeout=60)
         self._memory: OrderedDict[str, bool] = OrderedDict()  # key → expanded
         self._memory_entries = memory_entries
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _memory and _repositories
+        self._backfilled = False
+        # Repositories whose tag records were recorded ahead of the backfill.
+        self._repositories: set[tuple[str, str]] = set()
 
     def close(self) -> None:
         self._disk.close()
@@ -134,9 +142,14 @@ class _Records:
         with self._lock:
             return self._memory.get(_key(upstream, repository, digest), False)
 
-    def holds(self, upstream: str, repository: str, digest: Digest) -> bool:
+    def holds(self, store: Store, upstream: str, repository: str, digest: Digest) -> bool:
         key = _key(upstream, repository, digest)
         value = self._disk.get(key)
+        if value is None and not self.backfilled():
+            # What the backfill will record may not be recorded yet: the repository's
+            # tag records answer now, as the backfill would have.
+            self.backfill_repository(store, upstream, repository)
+            value = self._disk.get(key)
         if value is None:
             return False
         self._remember(key, value == _EXPANDED)
@@ -166,29 +179,84 @@ class _Records:
             self._disk.set(_key(upstream, repository, digest), _EXPANDED)
         return manifests + blobs
 
-    def backfill(self, store: Store) -> None:
-        if self._disk.get(_BACKFILLED):
-            return
-        targets = list(store.tag_targets())
-        for start in range(0, len(targets), _BATCH):
-            # One transaction on each side per batch: a commit per record would
-            # make the first start of a big cache take minutes.
-            with store.batch(), self._disk.transact():
-                for upstream, repository, top in targets[start : start + _BATCH]:
-                    self._backfill_one(store, upstream, repository, top)
-        self._disk.set(_BACKFILLED, True)
+    # The one-time backfill of a cache from before holdings were recorded
 
-    def _backfill_one(self, store: Store, upstream: str, repository: str, top: Digest) -> None:
-        pending, seen = [top], {top}
-        while pending:
-            digest = pending.pop()
-            cached = store.get_manifest(digest)
-            if cached is None:
-                continue  # a platform never pulled
-            manifests, _ = references(cached[1])
-            self.write_manifest(upstream, repository, digest, cached[1])
-            pending.extend(d for d in manifests if d not in seen)
-            seen.update(manifests)
+    def backfilled(self) -> bool:
+        if not self._backfilled and self._disk.get(_BACKFILLED):
+            self._backfilled = True  # maybe by another worker
+        return self._backfilled
+
+    def needs_backfill(self, store: Store) -> bool:
+        if self.backfilled():
+            return False
+        if not store.tag_targets(limit=1):  # a new cache: every record is made as it fills
+            self._disk.set(_BACKFILLED, True)
+            self._backfilled = True
+        return not self._backfilled
+
+    def backfill(self, store: Store, stop: threading.Event) -> None:
+        """Record what every tag record shows, in batches, until done or ``stop``.
+
+        One process of those sharing the cache does it; the others wait for its lock, in
+        case it dies. The last tag record done is kept with each batch's records, so a
+        restart goes on from there (records are only ever added: redoing some is safe).
+        """
+        lock = FileLock(self._directory / "backfill.lock")
+        while not lock.try_acquire():
+            if stop.wait(_BACKFILL_WAIT) or self.backfilled():
+                return
+        try:
+            after = str(self._disk.get(_BACKFILL_AFTER, ""))
+            log.warning("recording repository holdings from the cache's tag records")
+            started, count = time.monotonic(), 0
+            while not self.backfilled():
+                if stop.is_set():
+                    return  # the next start goes on from here
+                targets = store.tag_targets(after=after, limit=_BATCH)
+                if targets:
+                    after = targets[-1][0]
+                    with self._disk.transact():
+                        self._backfill_targets(store, targets)
+                        self._disk.set(_BACKFILL_AFTER, after)
+                    count += len(targets)
+                else:
+                    self._disk.set(_BACKFILLED, True)
+                    log.warning(
+                        "recorded repository holdings from %d tag records in %.1f s",
+                        count,
+                        time.monotonic() - started,
+                    )
+            with self._lock:
+                self._repositories.clear()
+        finally:
+            lock.release()
+
+    def backfill_repository(self, store: Store, upstream: str, repository: str) -> None:
+        """Before the backfill is over, what one repository's tag records show."""
+        with self._lock:
+            if (upstream, repository) in self._repositories:
+                return
+        prefix = f"tag:{upstream}/{repository}:"  # ":" ends a repository name
+        after = ""
+        while targets := store.tag_targets(prefix, after, _BATCH):
+            with self._disk.transact():
+                self._backfill_targets(store, targets)
+            after = targets[-1][0]
+        with self._lock:
+            self._repositories.add((upstream, repository))
+
+    def _backfill_targets(self, store: Store, targets: list[tuple[str, str, str, Digest]]) -> None:
+        for _, upstream, repository, top in targets:
+            pending, seen = [top], {top}
+            while pending:
+                digest = pending.pop()
+                cached = store.read_manifest(digest)
+                if cached is None:
+                    continue  # a platform never pulled
+                manifests, _ = references(cached[1])
+                self.write_manifest(upstream, repository, digest, cached[1])
+                pending.extend(d for d in manifests if d not in seen)
+                seen.update(manifests)
 
 
 class Holdings:
@@ -205,14 +273,36 @@ class Holdings:
         memory_entries: int = _MEMORY_ENTRIES,
         shared: RedisRecords | None = None,
     ) -> None:
+        self._store = store
         self._records = _Records(store.directory / "holdings", memory_entries)
         self._shared = shared
         self._offline = offline
         self._before_upstream = before_upstream  # the client's upstream budget; may refuse
         self._confirmations: SingleFlight[None] = SingleFlight()
-        self._records.backfill(store)
+        # A cache from before holdings were recorded: the backfill runs behind serving
+        # (a minute or more at 100,000 tags), and ``check`` reads a repository's tag
+        # records itself meanwhile, so every answer is the one the finished backfill
+        # would give: nothing for /readyz to wait for.
+        self._stop = threading.Event()
+        self._backfill: threading.Thread | None = None
+        if self._records.needs_backfill(store):
+            self._backfill = threading.Thread(
+                target=self._run_backfill, name="mirror-holdings-backfill", daemon=True
+            )
+            self._backfill.start()
+
+    def _run_backfill(self) -> None:
+        try:
+            self._records.backfill(self._store, self._stop)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            log.error(
+                "could not record holdings from the tag records (next start goes on): %s", exc
+            )
 
     async def aclose(self) -> None:
+        self._stop.set()  # the backfill stops after its batch and goes on at the next start
+        if self._backfill is not None:
+            await anyio.to_thread.run_sync(self._backfill.join)
         await self._confirmations.aclose()
         self._records.close()
 
@@ -235,7 +325,9 @@ class Holdings:
         name = upstream.name
         if self._records.known(name, repository, digest):
             return
-        if await anyio.to_thread.run_sync(self._records.holds, name, repository, digest):
+        if await anyio.to_thread.run_sync(
+            self._records.holds, self._store, name, repository, digest
+        ):
             return
         if await self._shared_holds(name, repository, digest):
             await self._write(self._records.record, name, repository, digest)

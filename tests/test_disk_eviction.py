@@ -41,7 +41,7 @@ def _fill(store: Store, sizes: list[int]) -> list[str]:
     """Blobs of these sizes, the first the least recently used; their index keys."""
     keys = [f"blob:{_adopt(store, _data(i, size))}" for i, size in enumerate(sizes)]
     # One second apart, oldest first: the order eviction must follow.
-    with store.batch():
+    with store.index.transact():
         for age, key in enumerate(reversed(keys), start=1):
             store.index._sql(
                 "UPDATE Cache SET access_time = ? WHERE key = ?", (time.time() - age, key)

@@ -58,15 +58,15 @@ _TAG_MEMO_SECONDS = 1.0
 ORPHAN_GRACE_SECONDS = 600.0
 # Blob file paths kept in memory, per process (~250 bytes each).
 _BLOB_PATHS = 100_000
-_BATCH = 512  # entries read in one transaction by scans
+_BATCH = 512  # tag records read at once by tag_targets
 # Entries evicted in one transaction at most: other workers' writes wait for it (a few
 # milliseconds idle; 256 took ~150 ms on 2 cores under a load average of 15).
 _CULL_BATCH = 64
 # A pause between batches. A write waiting on SQLite's lock sleeps and polls, at
 # 1, 3, 8, 18, 33 … 103 ms and then every 100 ms; a cull taking the lock again at once
-# would win nearly every time and keep every other writer (an index read under LRU is
-# one) waiting for the whole eviction. Pausing longer than those first polls' gaps lets
-# waiting writers in between batches.
+# would win nearly every time and keep every other writer (a fill's adoption, the
+# access times written behind) waiting for the whole eviction (reads never wait).
+# Pausing longer than those first polls' gaps lets waiting writers in between batches.
 _CULL_PAUSE = 0.03
 # What deleting a row frees, roughly: a file's size, and inside SQLite the value, the key
 # (in the table and in its index) and the filename. Rather over than under: a row that
@@ -426,23 +426,33 @@ class Store:
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
         self._remember_tag(key, TagRecord(digest, media_type, checked_at))
 
-    def tag_targets(self) -> Iterator[tuple[str, str, Digest]]:
-        """(upstream, repository, digest) of every tag record, in no useful order."""
-        keys = [k for k in self._index.iterkeys() if isinstance(k, str) and k.startswith("tag:")]
-        for start in range(0, len(keys), _BATCH):
-            with self.batch():
-                values = [(key, self._index.get(key)) for key in keys[start : start + _BATCH]]
-            for key, value in values:
-                if value is None:
-                    continue  # culled meanwhile
-                name = key[len("tag:") :].partition("|")[0].rpartition(":")[0]
-                upstream, _, repository = name.partition("/")
-                yield upstream, repository, Digest(*value[0])
+    def tag_targets(
+        self, prefix: str = "tag:", after: str = "", limit: int = _BATCH
+    ) -> list[tuple[str, str, str, Digest]]:
+        """(key, upstream, repository, digest) of up to ``limit`` tag records whose keys
+        start with ``prefix`` and sort after ``after``, in key order: one seek on the key
+        index per call. Reading them is not a use."""
+        # Every key starting with the prefix sorts below the prefix with its last
+        # character incremented.
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self._index._sql(
+            "SELECT key, mode, filename, value FROM Cache"
+            " WHERE key > ? AND key >= ? AND key < ? AND raw = 1 ORDER BY key LIMIT ?",
+            (after, prefix, end, limit),
+        ).fetchall()
+        targets = []
+        for key, mode, filename, value in rows:
+            name = key[len("tag:") :].partition("|")[0].rpartition(":")[0]
+            upstream, _, repository = name.partition("/")
+            digest = self._index.disk.fetch(mode, filename, value, False)[0]
+            targets.append((key, upstream, repository, Digest(*digest)))
+        return targets
 
-    def batch(self) -> contextlib.AbstractContextManager[object]:
-        """Many calls in one SQLite transaction: a read of a hit is a write (its LRU
-        access time), and one commit for a thousand of them costs far less."""
-        return self._index.transact()  # type: ignore[no-any-return]
+    def read_manifest(self, digest: Digest) -> tuple[str, bytes] | None:
+        """A cached manifest from the index, neither a use nor kept in memory: for
+        housekeeping that walks many of them."""
+        value = self._read(_manifest_key(digest), use=False)
+        return None if value is None else (str(value[0]), bytes(value[1]))
 
     def get_tag_list(self, upstream: str, repository: str) -> list[str] | None:
         value = self._read(f"tags:{upstream}/{repository}")

@@ -315,6 +315,8 @@ class Bench:
     latency_ms: float  #: the upstream link's delay per connection setup
     profile: Path | None = None  #: where step 7 writes py-spy profiles of the mirror
     storage: str = "disk"  #: "s3": the mirror runs as a replica on SeaweedFS and Redis
+    mirror_tree: Path | None = None  #: another source tree's mirror package (A/B runs)
+    mirror_only: bool = False  #: measure the mirror alone (A/B runs of two builds)
     figures: dict[str, Figure] = field(init=False)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -451,7 +453,11 @@ class Bench:
         stack.enter_context(self.reference)
         shared = self.shared_storage(stack) if self.storage == "s3" else None
         self.mirror = MirrorServer(
-            self.work / "mirror", f"http://{upstream_host}", _mirror_executable(), shared
+            self.work / "mirror",
+            f"http://{upstream_host}",
+            _mirror_executable(),
+            shared,
+            tree=self.mirror_tree,
         )
         stack.enter_context(self.mirror)
         self.endpoints = {
@@ -488,15 +494,18 @@ class Bench:
         return process.pid
 
     def caches(self) -> list[Endpoint]:
+        if self.mirror_only:
+            return [self.endpoints["mirror"]]
         return [self.endpoints["mirror"], self.endpoints["reference"]]
 
     def all_endpoints(self) -> list[Endpoint]:
         """For warm GETs: direct is the upstream itself, on loopback (the ceiling)."""
-        return [*self.caches(), self.endpoints["direct"]]
+        return [*self.caches(), *([] if self.mirror_only else [self.endpoints["direct"]])]
 
     def cold_endpoints(self) -> list[Endpoint]:
         """For cold pulls: direct goes through the upstream link, as the caches do."""
-        return [*self.caches(), self.endpoints["direct via link"]]
+        direct = [] if self.mirror_only else [self.endpoints["direct via link"]]
+        return [*self.caches(), *direct]
 
     def link_meter(self, stack: ExitStack) -> CpuMeter | None:
         """CPU of the link process during a measurement (None without a link)."""
@@ -698,6 +707,7 @@ class Bench:
                     endpoint.name,
                     wall_seconds=run.wall_seconds,
                     pull_seconds=[round(s, 3) for s in run.seconds],
+                    client_cpu_seconds=run.client_cpu_seconds,
                     upstream_blob_bytes=sent,
                     image_bytes=image.total_size,
                     upstream_requests=breakdown(entries),
@@ -719,8 +729,9 @@ class Bench:
                     rss = f"   peak RSS {sampler.peak / MiB:.1f} MiB"
                 self.say(
                     f"  {endpoint.name:9}  {run.wall_seconds:7.2f} s   upstream ×{ratio:.3f}"
-                    f" ({sent / run.wall_seconds / 1e6:.0f} MB/s){rss}"
-                    f"   server CPU {cpu.seconds:.1f} s"
+                    # bytes over the whole pull, not the fill's own rate
+                    f" ({sent / run.wall_seconds / 1e6:.0f} MB per wall s){rss}"
+                    f"   server CPU {cpu.seconds:.1f} s, clients {run.client_cpu_seconds:.1f} s"
                     + (f", link CPU {link_cpu.seconds:.1f} s" if link_cpu else "")
                     + f", machine {cpu.machine_busy:.0%} busy"
                 )
@@ -910,6 +921,12 @@ class Bench:
                                 "wrk": dataclasses.asdict(run),
                                 "upstream_requests": upstream,
                                 "upstream_by_agent": dict(Counter(e.user_agent for e in entries)),
+                                # few when warm: each of the mirror's, to tell what it was
+                                "mirror_upstream": [
+                                    f"{e.time} {e.method} {e.uri} {e.status}"
+                                    for e in entries
+                                    if e.user_agent.startswith("mirror/")
+                                ][:20],
                                 "server": cpu.as_dict(),
                             }
                         )
@@ -1077,8 +1094,10 @@ def _mirror_executable() -> Path:
     return Path(found)
 
 
-def _versions() -> dict[str, str]:
+def _versions(tree: Path | None = None) -> dict[str, str]:
     import subprocess
+
+    git = ["git", "-C", str(tree)] if tree is not None else ["git"]
 
     versions: dict[str, str] = {}
     for name, argv in (
@@ -1086,7 +1105,7 @@ def _versions() -> dict[str, str]:
         ("skopeo", ["skopeo", "--version"]),
         ("wrk", ["wrk", "--version"]),
         ("curl", ["curl", "--version"]),
-        ("mirror_commit", ["git", "rev-parse", "--short", "HEAD"]),
+        ("mirror_commit", [*git, "rev-parse", "--short", "HEAD"]),
     ):
         try:
             result = subprocess.run(argv, capture_output=True, timeout=10, check=False)
@@ -1096,7 +1115,7 @@ def _versions() -> dict[str, str]:
             versions[name] = f"unavailable: {exc}"
     try:  # the mirror measured is the work tree's, committed or not
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "mirror", "pyproject.toml"],
+            [*git, "status", "--porcelain", "--", "mirror", "pyproject.toml"],
             capture_output=True,
             timeout=10,
             check=False,
@@ -1178,6 +1197,18 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("bench/results/latest.json"),
         help="where to write the results (default: bench/results/latest.json)",
     )
+    parser.add_argument(
+        "--mirror-tree",
+        type=Path,
+        metavar="DIR",
+        help="run the mirror package of this source tree (e.g. a worktree of an older "
+        "commit, for A/B runs) with this checkout's venv and harness",
+    )
+    parser.add_argument(
+        "--mirror-only",
+        action="store_true",
+        help="measure the mirror alone, not the reference nor direct (A/B runs)",
+    )
     return parser
 
 
@@ -1226,6 +1257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency_ms=args.upstream_latency_ms,
         profile=args.profile,
         storage=args.storage,
+        mirror_tree=args.mirror_tree,
+        mirror_only=args.mirror_only,
     )
     interrupted = False
     logs: dict[str, Any] = {}
@@ -1249,7 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime = time.monotonic() - began
     figures = list(bench.figures.values())
     print()
-    versions = _versions()
+    versions = _versions(args.mirror_tree)
     tree = versions["mirror_commit"]
     if versions["mirror_uncommitted"] != "none":
         tree += f" + uncommitted ({versions['mirror_uncommitted']})"

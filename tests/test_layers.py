@@ -53,6 +53,8 @@ LAYERS = [
         "replicas.eviction",
         "replicas.peers",
         "replicas.blobs",
+        "replicas.pins",
+        "admin.fleet",
     },
     {"referrers", "service"},
     {

@@ -26,10 +26,10 @@ from mirror.replicas.eviction import BucketEvictor
 from mirror.replicas.shared import Shared
 from tests.support import skopeo
 from tests.support.images import ImageInfo, write_image
-from tests.support.mirror import MirrorProcess
+from tests.support.mirror import MirrorProcess, run_cli
 from tests.support.redis import RedisServer
 from tests.support.registry import UpstreamRegistry
-from tests.support.replicas import Link, start_replicas
+from tests.support.replicas import Link, metric, start_replicas
 from tests.support.seaweed import S3Endpoint
 
 pytestmark = pytest.mark.e2e
@@ -185,3 +185,35 @@ def test_bucket_eviction_drops_the_least_recently_used_blobs_spares_a_read_and_r
         for replica in replicas:
             replica.close()
         slow_link.stop()
+
+
+def test_warm_with_a_replicas_config_fills_the_bucket_for_every_replica(
+    images: Images, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+) -> None:
+    registry = images.registry
+    (a,) = start_replicas(1, registry.url, seaweed, redis.url, tmp_path / "a")
+    try:
+        # Run as an operator would, from elsewhere: the replica's config, another cache.
+        env = {**a.env, "MIRROR_CACHE_DIRECTORY": str(tmp_path / "warm-cache")}
+        mark = registry.mark()
+        warmed = run_cli("warm", "--config", str(a.config_path), "library/new:1", env=env)
+        assert warmed.returncode == 0, warmed.stderr
+        blobs = images.new.blob_digests
+        assert Counter(e.reference for e in registry.blob_gets(mark)) == Counter(blobs)
+
+        async def in_bucket() -> list[str | None]:
+            async with fleet_shared(a) as shared:
+                return await _in_bucket(shared, *blobs)
+
+        assert asyncio.run(in_bucket()) == blobs
+        # Warming again finds it all there: nothing is fetched.
+        mark = registry.mark()
+        again = run_cli("warm", "--config", str(a.config_path), "library/new:1", env=env)
+        assert again.returncode == 0, again.stderr
+        assert "0 B fetched" in again.stdout, again.stdout
+        # The replica serves it from the bucket and the shared records: no upstream.
+        assert _pull(a, "library/new:1", tmp_path / "pull") == images.new.manifest_digest
+        assert registry.blob_gets(mark) == []
+        assert metric(a, "mirror_fleet_fills_total", source="bucket") == len(blobs)
+    finally:
+        a.close()

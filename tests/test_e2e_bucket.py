@@ -217,3 +217,32 @@ def test_warm_with_a_replicas_config_fills_the_bucket_for_every_replica(
         assert metric(a, "mirror_fleet_fills_total", source="bucket") == len(blobs)
     finally:
         a.close()
+
+
+def test_import_with_a_replicas_config_shares_the_images_with_every_replica(
+    images: Images, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+) -> None:
+    registry = images.registry
+    (a,) = start_replicas(1, registry.url, seaweed, redis.url, tmp_path / "a")
+    try:
+        # An image the upstream does not have: only the import can bring it.
+        layout = write_image(tmp_path / "layout", "1", [100_000, 6 * MiB], seed=23)
+        env = {**a.env, "MIRROR_CACHE_DIRECTORY": str(tmp_path / "import-cache")}
+        imported = run_cli(
+            "import",
+            "--config",
+            str(a.config_path),
+            "--repository",
+            "library/imported",
+            str(layout.layout_dir),
+            env=env,
+        )
+        assert imported.returncode == 0, imported.stderr
+        assert "Traceback" not in imported.stderr, imported.stderr
+        mark = registry.mark()
+        pulled = _pull(a, "library/imported:1", tmp_path / "pull")
+        assert pulled == layout.manifest_digest
+        assert registry.blob_gets(mark) == []
+        assert metric(a, "mirror_fleet_fills_total", source="bucket") == len(layout.blob_digests)
+    finally:
+        a.close()

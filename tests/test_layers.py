@@ -60,6 +60,7 @@ LAYERS = [
     {
         "warm",
         "layout",
+        "replicas.publish",
         "web.access_log",
         "web.auth",
         "admin.operations",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -215,6 +216,15 @@ def test_warm_with_a_replicas_config_fills_the_bucket_for_every_replica(
         assert _pull(a, "library/new:1", tmp_path / "pull") == images.new.manifest_digest
         assert registry.blob_gets(mark) == []
         assert metric(a, "mirror_fleet_fills_total", source="bucket") == len(blobs)
+        # Pinned from the shell with the replica's config, listed by the replica.
+        pinned = run_cli("pin", "--config", str(a.config_path), "library/new:1", env=env)
+        assert pinned.returncode == 0, pinned.stderr
+        listed = run_cli("pin", "--url", a.url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        pins = json.loads(listed.stdout)["pins"]
+        assert [(p["repository"], p["digest"]) for p in pins] == [
+            ("library/new", images.new.manifest_digest)
+        ]
     finally:
         a.close()
 

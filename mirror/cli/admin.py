@@ -74,13 +74,13 @@ def _local(args: argparse.Namespace) -> Admin:
     return Admin(PullThroughCache.from_settings(settings))
 
 
-def _await(admin: Admin, operation: Awaitable[Any]) -> Any:
+def _await(admin: Admin, operation: Callable[[], Awaitable[Any]]) -> Any:
     """Run an operation that may reach the replicas' bucket and Redis (started for it)."""
 
     async def run() -> Any:
         await admin.cache.start()
         try:
-            return await operation
+            return await operation()
         finally:
             await admin.cache.aclose()
 
@@ -244,18 +244,18 @@ def _pin(args: argparse.Namespace) -> int:
         body = _run(
             args,
             lambda r: r.call("DELETE", "/admin/pins", params={"ref": args.reference}),
-            lambda a: _await(a, a.unpin(_WHO, args.reference)),
+            lambda a: _await(a, lambda: a.unpin(_WHO, args.reference)),
         )
         text = f"unpinned {args.reference}"
     elif args.reference:
         body = _run(
             args,
             lambda r: r.call("POST", "/admin/pins", json={"ref": args.reference}),
-            lambda a: _await(a, a.pin(_WHO, args.reference)),
+            lambda a: _await(a, lambda: a.pin(_WHO, args.reference)),
         )
         text = f"pinned {args.reference} ({body['digest']}, {_size(body['size'])})"
     else:
-        body = _run(args, lambda r: r.call("GET", "/admin/pins"), lambda a: _await(a, a.pins()))
+        body = _run(args, lambda r: r.call("GET", "/admin/pins"), lambda a: _await(a, a.pins))
         rows = [
             [f"{p['upstream']}/{p['repository']}", p["reference"], p["digest"]]
             for p in body["pins"]

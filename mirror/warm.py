@@ -3,6 +3,11 @@ single-flight and verification as serving.
 
 A server running on the same cache directory is fine: a blob it is filling is
 followed through its lock, not fetched twice.
+
+With a replica's config (``storage.backend = "s3"``) the cache is the fleet's: what
+warm fetches goes into the bucket and the shared records (the fill stores it there
+before it ends), so that every replica serves it; a blob the bucket holds already is
+counted as present, not downloaded.
 """
 
 from __future__ import annotations
@@ -149,6 +154,11 @@ class _Image:
 
     async def _blob(self, upstream: Upstream, repository: str, descriptor: Descriptor) -> None:
         async with self.blob_slots:
+            if await self._in_bucket(descriptor.digest):
+                self.summary.bytes_present += descriptor.size
+                self._advance(descriptor.size)
+                self._blob_done()
+                return
             blob = await self.cache.get_blob(upstream, repository, descriptor.digest)
             if blob.result == "hit":
                 blob.close()  # already cached: nothing to read
@@ -158,6 +168,17 @@ class _Image:
                 async for chunk in blob.chunks():
                     self.summary.bytes_fetched += len(chunk)
                     self._advance(len(chunk))
+        self._blob_done()
+
+    async def _in_bucket(self, digest: Digest) -> bool:
+        """In the replicas' bucket already (then warming it is a use of it)."""
+        fleet, shared = self.cache.fleet, self.cache.shared
+        if fleet is None or shared is None or await fleet.size(digest) is None:
+            return False
+        shared.uses.touch(str(digest))
+        return True
+
+    def _blob_done(self) -> None:
         self.summary.blobs += 1
         self.layers_done += 1
         if self.bar is not None:
@@ -188,6 +209,7 @@ async def warm(
         except (OCIError, ValueError) as exc:
             summary.failures.append((str(reference), str(exc)))
 
+    await cache.start()  # a replica's bucket client, when the config names one
     try:
         await asyncio.gather(*(one(r) for r in references))
         await cache.drain()

@@ -22,6 +22,7 @@ from ..errors import ManifestUnknown, OCIError, RequestInvalid
 from ..manifest import MANIFEST_TYPES
 from ..reference import parse_digest, parse_image_reference
 from ..service import PullThroughCache
+from .fleet import FleetAdmin, hot_tier_only
 from .integrity import Progress, verify
 from .inventory import Inventory, NotCached, PurgeResult
 
@@ -37,6 +38,12 @@ class Admin:
         self.cache = cache
         self.inventory = Inventory(cache.store, now)
         self._now = now
+        # Replicas: pins are the fleet's; what knows one hot tier only is refused.
+        self.fleet = FleetAdmin(cache.shared, self._count) if cache.shared is not None else None
+
+    def refuse_on_replicas(self, what: str) -> None:
+        if self.fleet is not None:
+            raise hot_tier_only(what)
 
     # names
 
@@ -69,6 +76,7 @@ class Admin:
     def repositories(
         self, upstream: str | None = None, prefix: str = "", last: str | None = None, n: int = 100
     ) -> dict[str, Any]:
+        self.refuse_on_replicas("listing repositories")
         n = max(1, min(n, _MAX_PAGE))
         found = self.inventory.repositories(
             upstream=self._upstream(upstream) if upstream else None,
@@ -80,6 +88,7 @@ class Admin:
         return {"repositories": rows, "next": rows[-1]["name"] if len(rows) == n else None}
 
     def tags(self, name: str) -> dict[str, Any]:
+        self.refuse_on_replicas("listing tags")
         upstream, repository = self._repository(name)
         tags = self.inventory.tags(upstream, repository)
         return {
@@ -89,11 +98,13 @@ class Admin:
         }
 
     def blobs(self, last: str | None = None, n: int = 100) -> dict[str, Any]:
+        self.refuse_on_replicas("listing blobs")
         n = max(1, min(n, _MAX_PAGE))
         rows = [dataclasses.asdict(b) for b in self.inventory.blobs(after=last, limit=n)]
         return {"blobs": rows, "next": rows[-1]["digest"] if len(rows) == n else None}
 
     def image(self, ref: str) -> dict[str, Any]:
+        self.refuse_on_replicas("inspecting an image")
         upstream, repository, reference = self.resolve(ref)
         try:
             image = self.inventory.image(upstream, repository, reference)
@@ -104,7 +115,12 @@ class Admin:
         body["upstream_url"] = self.cache.upstreams[upstream].settings.url
         return body
 
-    def pins(self) -> dict[str, Any]:
+    async def pins(self) -> dict[str, Any]:
+        if self.fleet is not None:
+            return await self.fleet.list_pins()
+        return await anyio.to_thread.run_sync(self._pins)
+
+    def _pins(self) -> dict[str, Any]:
         return {
             "pins": [
                 {"upstream": u, "repository": r, "reference": ref, "digest": d}
@@ -154,6 +170,7 @@ class Admin:
 
     def purge(self, who: str, request: dict[str, Any]) -> dict[str, Any]:
         """``{"kind": "tag"|"repository"|"upstream"|"digest"|"age", ...}``; see README."""
+        self.refuse_on_replicas("purge")
         kind = request.get("kind")
         target = str(request.get("ref") or request.get("digest") or request.get("age") or "")
         try:
@@ -203,8 +220,15 @@ class Admin:
             f"purge kind must be tag, repository, upstream, digest or age, not {kind!r}"
         )
 
-    def pin(self, who: str, ref: str) -> dict[str, Any]:
+    async def pin(self, who: str, ref: str) -> dict[str, Any]:
         upstream, repository, reference = self.resolve(ref)
+        if self.fleet is not None:
+            return await self.fleet.pin(who, ref, upstream, repository, reference)
+        return await anyio.to_thread.run_sync(self._pin, who, ref, upstream, repository, reference)
+
+    def _pin(
+        self, who: str, ref: str, upstream: str, repository: str, reference: str
+    ) -> dict[str, Any]:
         try:
             image = self.inventory.pin(upstream, repository, reference)
         except NotCached as exc:
@@ -214,8 +238,17 @@ class Admin:
         log.info("admin %s pinned %s (%s, %d bytes)", who, ref, image.digest, image.size)
         return {"pinned": ref, "digest": image.digest, "size": image.size}
 
-    def unpin(self, who: str, ref: str) -> dict[str, Any]:
+    async def unpin(self, who: str, ref: str) -> dict[str, Any]:
         upstream, repository, reference = self.resolve(ref)
+        if self.fleet is not None:
+            return await self.fleet.unpin(who, ref, upstream, repository, reference)
+        return await anyio.to_thread.run_sync(
+            self._unpin, who, ref, upstream, repository, reference
+        )
+
+    def _unpin(
+        self, who: str, ref: str, upstream: str, repository: str, reference: str
+    ) -> dict[str, Any]:
         if not self.inventory.unpin(upstream, repository, reference):
             self._count("unpin", "not_found")
             raise ManifestUnknown(f"{ref} is not pinned")
@@ -225,6 +258,7 @@ class Admin:
 
     async def refresh(self, who: str, ref: str) -> dict[str, Any]:
         """Ask the upstream what a tag is now (not waiting for its tag_ttl)."""
+        self.refuse_on_replicas("refresh")
         upstream, repository, reference = self.resolve(ref)
         if reference.startswith(("sha256:", "sha512:")):
             raise RequestInvalid("a digest never changes; refresh a tag")
@@ -242,6 +276,7 @@ class Admin:
         return {"refreshed": ref, "digest": str(found.digest), "result": found.result}
 
     def verify(self, who: str, progress: Progress, rate: float | None = None) -> dict[str, Any]:
+        self.refuse_on_replicas("verify")
         log.info("admin %s started verify (rate %s bytes/s)", who, rate or "unlimited")
         verify(self.cache.store, progress, rate=rate)
         self._count("verify", "corrupt" if progress.corrupt else "clean")

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,19 @@ def _local(args: argparse.Namespace) -> Admin:
     settings = load(Path(args.config_path), os.environ)
     configure_logging("warning", settings.server.log_format)
     return Admin(PullThroughCache.from_settings(settings))
+
+
+def _await(admin: Admin, operation: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an operation that may reach the replicas' bucket and Redis (started for it)."""
+
+    async def run() -> Any:
+        await admin.cache.start()
+        try:
+            return await operation()
+        finally:
+            await admin.cache.aclose()
+
+    return asyncio.run(run())
 
 
 def _run(
@@ -231,18 +244,18 @@ def _pin(args: argparse.Namespace) -> int:
         body = _run(
             args,
             lambda r: r.call("DELETE", "/admin/pins", params={"ref": args.reference}),
-            lambda a: a.unpin(_WHO, args.reference),
+            lambda a: _await(a, lambda: a.unpin(_WHO, args.reference)),
         )
         text = f"unpinned {args.reference}"
     elif args.reference:
         body = _run(
             args,
             lambda r: r.call("POST", "/admin/pins", json={"ref": args.reference}),
-            lambda a: a.pin(_WHO, args.reference),
+            lambda a: _await(a, lambda: a.pin(_WHO, args.reference)),
         )
         text = f"pinned {args.reference} ({body['digest']}, {_size(body['size'])})"
     else:
-        body = _run(args, lambda r: r.call("GET", "/admin/pins"), lambda a: a.pins())
+        body = _run(args, lambda r: r.call("GET", "/admin/pins"), lambda a: _await(a, a.pins))
         rows = [
             [f"{p['upstream']}/{p['repository']}", p["reference"], p["digest"]]
             for p in body["pins"]

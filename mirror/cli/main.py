@@ -295,6 +295,10 @@ def _import(args: argparse.Namespace) -> int:
     cache = _open_cache(args)
     try:
         summary = import_layout(cache, Path(args.path), repository)
+        if cache.fleet is not None:  # a replica's config: on into the bucket, for every replica
+            from ..replicas.publish import publish
+
+            summary.failures += asyncio.run(publish(cache, summary.images))
     except LayoutError as exc:
         print(f"mirror: import failed: {exc}", file=sys.stderr)
         return 1

@@ -129,6 +129,8 @@ class Fleet:
                 async def chunks() -> AsyncIterator[bytes]:
                     try:
                         async for data in reader.chunks():
+                            # In use for as long as it is read, however long that is.
+                            self.shared.uses.touch(str(digest))
                             yield data
                     except StorageError as exc:
                         raise Unavailable(f"bucket broke off blob {digest}: {exc}") from exc

@@ -8,6 +8,7 @@ bump its use when they start and while they read, and a presigned URL is a reade
 as long as it is good). Redis decides atomically, per object, that it was not used
 since it was picked; only then is it deleted from the bucket. Without Redis there is
 no order to evict by and nothing is deleted; without the bucket a round stops.
+Pinned objects (``pins.py``) are never picked: their last use is +inf.
 
 Redis's bookkeeping can miss objects (a Redis restarted empty, an upload whose
 record failed): now and again the evictor lists the bucket and records what is not
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from ..errors import OCIError
 from ..reference import parse_digest
 from ..storage.base import Lease, StorageError
+from .pins import FleetPins
 from .shared import Shared
 
 __all__ = ["BucketEvictor"]
@@ -97,13 +99,17 @@ class BucketEvictor:
     async def _evict(self, lease: Lease) -> int:
         records = self._shared.records
         total, deleted = await records.total_size(), 0
+        if total > self._max_size:
+            # What the pins reach now is out of reach of the rounds (a platform pulled
+            # since its index was pinned included).
+            await FleetPins(self._shared).rebuild()
         while total > self._max_size:
             cutoff = self._now() - self._spare
             picks = await records.least_recent(_BATCH, cutoff)
             if not picks:
                 log.warning(
                     "bucket holds %d bytes, over its cap of %d, but all of it was used in the "
-                    "last %.0f s: nothing evicted",
+                    "last %.0f s or is pinned: nothing evicted",
                     total,
                     self._max_size,
                     self._spare,

@@ -24,6 +24,8 @@ Keys, below the prefix::
     objects:size                                 hash: object key -> bytes
     objects:bytes                                the sum of objects:size
     objects:used                                 sorted set: object key -> last use (seconds)
+    objects:pinned                               set of object keys eviction leaves alone
+    pins                                         hash: pinned reference -> JSON of the pin
 """
 
 from __future__ import annotations
@@ -59,12 +61,31 @@ _FAILURES = 3
 _HELD = b"1"
 _EXPANDED = b"2"
 
-# The size bookkeeping: KEYS sizes, total, used.
+# The size bookkeeping: KEYS sizes, total, used, pinned. A pinned object's last use
+# is +inf: no eviction picks it, no touch moves it.
 _RECORD_OBJECT = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]) - (tonumber(old) or 0))
-redis.call('ZADD', KEYS[3], 'GT', ARGV[3], ARGV[1])
+local at = ARGV[3]
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then at = 'inf' end
+redis.call('ZADD', KEYS[3], 'GT', at, ARGV[1])
+"""
+# Replaces the pinned set (KEYS pinned, used; ARGV now, keys…): objects unpinned are
+# used now (a fresh start in the eviction order), objects pinned are used at +inf.
+_SET_PINNED = """
+local wanted = {}
+for i = 2, #ARGV do wanted[ARGV[i]] = true end
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not wanted[key] then
+    redis.call('SREM', KEYS[1], key)
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[1], key)
+  end
+end
+for i = 2, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('ZADD', KEYS[2], 'XX', 'inf', ARGV[i])
+end
 """
 # Forgets an object unless it was used at or after ARGV[2] (when given): the evictor
 # picked it as old, and a replica may have read it since.
@@ -199,8 +220,14 @@ class RedisRecords:
         self._least_recent = self._client.register_script(_LEAST_RECENT)
         self._renew_script = self._client.register_script(_RENEW)
         self._release_script = self._client.register_script(_RELEASE)
+        self._set_pinned = self._client.register_script(_SET_PINNED)
         objects = f"{self._prefix}objects"
-        self._object_keys = [f"{objects}:size", f"{objects}:bytes", f"{objects}:used"]
+        self._object_keys = [
+            f"{objects}:size",
+            f"{objects}:bytes",
+            f"{objects}:used",
+            f"{objects}:pinned",
+        ]
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -473,3 +500,60 @@ class RedisRecords:
             lambda: self._least_recent(keys=self._object_keys, args=[repr(older_than), limit])
         )
         return [(_text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def objects(self, keys: list[str]) -> list[tuple[int | None, float | None, bool]]:
+        """(size, last use, pinned) of each object key; None where it is not recorded."""
+        sizes, used, pinned = self._object_keys[0], self._object_keys[2], self._object_keys[3]
+
+        async def read() -> list[object]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(sizes, keys)
+            pipe.zmscore(used, keys)
+            pipe.smismember(pinned, keys)
+            return list(await pipe.execute())
+
+        if not keys:
+            return []
+        got_sizes, got_used, got_pinned = await self._run(read)
+        return [
+            (None if size is None else int(size), when, bool(pin))
+            for size, when, pin in zip(got_sizes, got_used, got_pinned, strict=True)  # type: ignore[call-overload]
+        ]
+
+    async def object_count(self) -> int:
+        """How many objects are recorded."""
+        return int(await self._run(lambda: self._client.hlen(self._object_keys[0])))
+
+    # pins: what eviction across replicas leaves alone
+
+    async def put_pin(self, name: str, pin: Mapping[str, object]) -> None:
+        await self._run(lambda: self._client.hset(self._key("pins"), name, json.dumps(pin)))
+
+    async def delete_pin(self, name: str) -> bool:
+        return bool(await self._run(lambda: self._client.hdel(self._key("pins"), name)))
+
+    async def pins(self) -> dict[str, dict[str, object]]:
+        """Every pin, by name."""
+        found = await self._run(lambda: self._client.hgetall(self._key("pins")))
+        return {_text(name): json.loads(value) for name, value in found.items()}
+
+    async def set_pinned(self, keys: Iterable[str]) -> None:
+        """The object keys pins reach, all of them: the others are pinned no more."""
+        pinned, used = self._object_keys[3], self._object_keys[2]
+        args = [repr(self._now()), *sorted(set(keys))]
+        await self._run(lambda: self._set_pinned(keys=[pinned, used], args=args))
+
+    async def tag_records(self, upstream: str, repository: str, tag: str) -> list[TagRecord]:
+        """The records of a tag, one per Accept list it was asked with."""
+        pattern = self._tag_key(upstream, repository, tag, ()).replace("*", "\\*") + "*"
+
+        async def scan() -> list[bytes]:
+            return [key async for key in self._client.scan_iter(match=pattern, count=1000)]
+
+        records = []
+        for key in await self._run(scan):
+            accept = _text(key).rpartition("|")[2]
+            record = await self.get_tag(upstream, repository, tag, tuple(accept.split(",")))
+            if record is not None:
+                records.append(record)
+        return records

@@ -82,6 +82,7 @@ class S3Settings:
     part_size: int = 8 * MiB  # multipart part size; smaller files go in one PUT
     parts_in_flight: int = 4  # memory used by one upload is at most this many parts
     claim_timeout: float = 60.0  # a writer's claim to complete a blob, if it never let go
+    claim_wait: float = 5.0  # how long a writer waits for another's claim before giving up
 
     def __post_init__(self) -> None:
         if self.part_size < _MIN_PART:
@@ -314,8 +315,14 @@ class S3Objects:
         an empty object made by a create-only PUT and removed after the complete. A claim
         left by a killed writer is taken over once older, by the store's clock, than
         ``claim_timeout``; ``abort_stale_uploads`` sweeps those nobody came back for.
+
+        A claim held longer than ``claim_wait`` (its writer died, or its release failed
+        with the store down) is not waited out: the blob is then someone else's to
+        store (``_Exists`` when it is there, else ``StorageError``: not stored this
+        time), so that a fill is never held for ``claim_timeout``.
         """
         bucket, key = self.settings.bucket, self.claim_key(digest)
+        deadline = time.monotonic() + self.settings.claim_wait
         while True:
             try:
                 with _translated(f"PUT {key}"):
@@ -327,13 +334,21 @@ class S3Objects:
                 with _translated(f"HEAD {key}"):
                     head = await self._s3.head_object(Bucket=bucket, Key=key)
             except _Absent:
-                continue  # its holder is done: try again
-            now = parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
-            if (now - head["LastModified"]).total_seconds() > self.settings.claim_timeout:
-                with _translated(f"DELETE {key}"):
-                    await self._s3.delete_object(Bucket=bucket, Key=key)
-            else:
-                await asyncio.sleep(0.05)  # a complete takes a moment
+                head = None  # its holder is done: try again
+            if head is not None:
+                now = parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+                if (now - head["LastModified"]).total_seconds() > self.settings.claim_timeout:
+                    with _translated(f"DELETE {key}"):
+                        await self._s3.delete_object(Bucket=bucket, Key=key)
+                    continue
+            if time.monotonic() >= deadline:
+                if await self._size(self.blob_key(digest)) is not None:
+                    raise _Exists()
+                raise StorageError(
+                    f"PUT {key}: another writer has held the claim to complete {digest} for"
+                    f" over {self.settings.claim_wait:g} s; not stored this time"
+                )
+            await asyncio.sleep(0.05)  # a complete takes a moment
         try:
             yield
         finally:

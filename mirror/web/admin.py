@@ -118,7 +118,10 @@ class AdminRoutes:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
 
     async def status(self, request: Request) -> Response:
-        return await self._run(self.admin.status)
+        body = await anyio.to_thread.run_sync(self.admin.status)
+        if self.admin.fleet is not None:  # replicas: the bucket's figures, the fleet's pins
+            body.update(await self.admin.fleet.status())
+        return JSONResponse(body)
 
     async def repositories(self, request: Request) -> Response:
         q = request.query_params
@@ -143,11 +146,12 @@ class AdminRoutes:
 
     async def pins(self, request: Request) -> Response:
         if request.method == "GET":
-            return await self._run(self.admin.pins)
+            return JSONResponse(await self.admin.pins())
         if request.method == "DELETE":
-            return await self._run(self.admin.unpin, request.state.user, _required(request, "ref"))
+            ref = _required(request, "ref")
+            return JSONResponse(await self.admin.unpin(request.state.user, ref))
         body = await _json(request)
-        return await self._run(self.admin.pin, request.state.user, str(body.get("ref", "")))
+        return JSONResponse(await self.admin.pin(request.state.user, str(body.get("ref", ""))))
 
     async def refresh(self, request: Request) -> Response:
         body = await _json(request)
@@ -156,6 +160,7 @@ class AdminRoutes:
     async def verify(self, request: Request) -> Response:
         """POST starts a run in the background (one at a time); GET reads its progress."""
         if request.method == "POST":
+            self.admin.refuse_on_replicas("verify")
             body = await _json(request)
             try:
                 rate = parse_size(body.get("rate", _DEFAULT_VERIFY_RATE), "rate")

@@ -615,11 +615,16 @@ class PullThroughCache:
             source = planned.stream
 
         async def adopt(path: Path) -> None:
+            await self.holdings.note(upstream.name, repository, digest)
+
+            async def into_hot_tier() -> None:
+                self._evicted(await self._disk(self.store.adopt_blob, path, digest))
+
             if fleet is not None and planned is not None and planned.from_upstream:
                 # In the bucket before the lease is let go: whoever asks next finds it.
-                await fleet.store(digest, path)
-            await self.holdings.note(upstream.name, repository, digest)
-            self._evicted(await self._disk(self.store.adopt_blob, path, digest))
+                await fleet.store(digest, path, into_hot_tier)
+            else:
+                await into_hot_tier()
 
         async def run() -> None:
             self.metrics.fills_in_flight.inc()

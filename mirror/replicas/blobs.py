@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from ..errors import Unavailable
 from ..reference import Digest
@@ -141,11 +142,36 @@ class Fleet:
     def bucket_source(self, digest: Digest) -> BlobSource:
         return lambda start: self._from_bucket(digest, start)
 
-    async def store(self, digest: Digest, path: Path) -> None:
-        """Put a verified file into the bucket; a failure costs the fleet a later fill,
-        never this one (its readers have every byte already)."""
+    async def store(self, digest: Digest, path: Path, adopt: Callable[[], Awaitable[None]]) -> None:
+        """Adopt a verified fill into the hot tier (``adopt``), then put it into the bucket.
+
+        The hot tier first: a big layer takes seconds to upload, and meanwhile this
+        replica's requests for it are hits (sent zero-copy), not followers of a fill
+        that ended. The upload reads the file through a descriptor opened before the
+        adoption renames it, so the hot tier may rename or evict it meanwhile. A
+        failure to store costs the fleet a later fill, never this one (its readers
+        have every byte already); a failure to adopt is raised once the upload ended.
+        """
         try:
-            size = path.stat().st_size
+            file = open(path, "rb")  # held across the adoption, closed below
+        except OSError as exc:
+            log.error("could not put blob %s into the bucket: %s", digest, exc)
+            self.metrics.unstored_fills.inc()
+            await adopt()
+            return
+        with file:
+            try:
+                await adopt()
+            except Exception:
+                await self._put(digest, file)
+                raise
+            await self._put(digest, file)
+
+    async def _put(self, digest: Digest, file: BinaryIO) -> None:
+        # Linux names an open descriptor's file, whatever became of its own name.
+        path = Path(f"/proc/self/fd/{file.fileno()}")
+        try:
+            size = os.fstat(file.fileno()).st_size
             await self.shared.in_bucket(lambda: self.objects.put_file(digest, path))
         except StorageError:
             self.metrics.unstored_fills.inc()

@@ -538,7 +538,10 @@ class PullThroughCache:
                 del self._planning[digest]
                 planning.set_result(None)
         if isinstance(started, Fill):
-            return await self._join(started, "miss", gated, upstream, None)
+            # Too large for this replica's hot tier (or no room): passed through from
+            # the bucket when the fill was to read it there, not fetched upstream again.
+            bucket = planned.stream if planned is not None and planned.source == "bucket" else None
+            return await self._join(started, "miss", bucket or gated, upstream, None)
         gate.release()
         if planned is not None:
             await planned.discard()

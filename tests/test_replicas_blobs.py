@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,7 @@ from tests.fakes import FakeRegistry, digest_of
 from tests.support.hostile import served
 from tests.support.redis import RedisServer
 from tests.support.seaweed import S3Endpoint
-from tests.test_replicas_records import replica_settings
+from tests.test_replicas_records import replica, replica_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -157,3 +158,34 @@ async def test_a_fill_is_a_hot_tier_hit_while_it_is_put_into_the_bucket(
         assert gateway.count("PUT", key) == 1  # stored for the fleet, once
         assert gateway.count("GET", key) == 0  # never read back
     assert fake.count("GET", "blob") == 1
+
+
+async def test_a_blob_too_large_for_a_hot_tier_is_passed_through_from_the_bucket(
+    tmp_path: Path, seaweed: S3Endpoint, redis_server: RedisServer
+) -> None:
+    """Replica B keeps no blob over a quarter of its 1 MiB hot tier: a layer that A put
+    into the bucket reaches B's clients from the bucket, not from the upstream again."""
+    fake = FakeRegistry()
+    layer = random.Random(15).randbytes(MiB)
+    fake.add_image("library/app", "1", [layer])
+    digest = digest_of(layer)
+    clock = Clock()
+    clock.now = time.time()
+    prefix = f"test-{uuid.uuid4().hex}/"
+    url = f"/v2/library/app/blobs/{digest}"
+    a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
+    b_settings = replica_settings(tmp_path, "b", seaweed, redis_server.url, prefix)
+    b_settings = replace(b_settings, cache=replace(b_settings.cache, max_size=MiB))
+    async with replica(a_settings, fake, clock) as a, replica(b_settings, fake, clock) as b:
+        assert (await a.get(url)).content == layer
+        await fills_settled(a)  # in the bucket by now
+        fetched = fake.count("GET", "blob")
+        for _ in range(2):
+            passed = await b.get(url)
+            assert passed.status_code == 200
+            assert passed.content == layer
+        ranged = await b.get(url, headers={"Range": "bytes=1000-1999"})
+        assert ranged.status_code == 206
+        assert ranged.content == layer[1000:2000]
+        assert fake.count("GET", "blob") == fetched  # none upstream
+        assert not any((tmp_path / "b").rglob(digest.removeprefix("sha256:") + "*"))

@@ -36,9 +36,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -127,6 +124,11 @@ class S3Objects:
         return f"S3Objects({self.settings!r})"
 
     async def start(self) -> None:
+        # Imported here, not with the module: aiobotocore and aiohttp take a second or
+        # more to import on a busy machine, and a mirror on its disk never uses them.
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
         settings = self.settings
         config = AioConfig(
             connect_timeout=settings.connect_timeout,
@@ -471,6 +473,8 @@ class _PastTheEnd(Exception):
 @contextmanager
 def _translated(what: str) -> Iterator[None]:
     """The library's errors as the contract's; ``what`` names the operation, never secrets."""
+    import aiohttp  # loaded by the client already (see ``S3Objects.start``)
+
     try:
         yield
     except ClientError as exc:

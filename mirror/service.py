@@ -498,6 +498,9 @@ class PullThroughCache:
             async with gate.slot(), source(start) as response:
                 yield response
 
+        # A replica puts what it passes through uncached into the bucket too.
+        passing = gated if self.fleet is None else self.fleet.passing_through(digest, gated)
+
         async def again() -> Blob:
             return await self._get_blob(upstream, repository, digest, retry=False)
 
@@ -507,7 +510,7 @@ class PullThroughCache:
             if not self._may_follow(upstream, repository, digest):
                 await self.holdings.check(upstream, repository, digest, "blob")
                 return await self._get_blob(upstream, repository, digest, retry=retry)
-            return await self._join(fill, "coalesced", gated, upstream, own_route)
+            return await self._join(fill, "coalesced", passing, upstream, own_route)
         planning = self._planning.get(digest)
         if planning is not None:
             await asyncio.shield(planning)
@@ -541,7 +544,7 @@ class PullThroughCache:
             # Too large for this replica's hot tier (or no room): passed through from
             # the bucket when the fill was to read it there, not fetched upstream again.
             bucket = planned.stream if planned is not None and planned.source == "bucket" else None
-            return await self._join(started, "miss", bucket or gated, upstream, None)
+            return await self._join(started, "miss", bucket or passing, upstream, None)
         gate.release()
         if planned is not None:
             await planned.discard()
@@ -553,7 +556,7 @@ class PullThroughCache:
             if not self._may_follow(upstream, repository, digest):
                 await self.holdings.check(upstream, repository, digest, "blob")
             return await self._follow_foreign(upstream, repository, digest)
-        return await PassedThroughBlob(gated).open()
+        return await PassedThroughBlob(passing).open()
 
     async def _plan_fill(
         self, fleet: Fleet, upstream: Upstream, repository: str, digest: Digest

@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from mirror.reference import parse_digest
+from mirror.storage.s3 import S3Objects, S3Settings
 from mirror.web.app import create_app
 from mirror.web.server import uvicorn_options
 from tests.conftest import Clock, fills_settled, live_server
@@ -31,7 +33,7 @@ from tests.fakes import FakeRegistry, digest_of
 from tests.support.hostile import served
 from tests.support.redis import RedisServer
 from tests.support.seaweed import S3Endpoint
-from tests.test_replicas_records import replica, replica_settings
+from tests.test_replicas_records import cache_of, replica, replica_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +191,53 @@ async def test_a_blob_too_large_for_a_hot_tier_is_passed_through_from_the_bucket
         assert ranged.content == layer[1000:2000]
         assert fake.count("GET", "blob") == fetched  # none upstream
         assert not any((tmp_path / "b").rglob(digest.removeprefix("sha256:") + "*"))
+
+
+async def _in_bucket(http: httpx.AsyncClient, digest: str) -> int | None:
+    """The blob's size in the replica's bucket, once the uploads it runs have ended."""
+    fleet = cache_of(http).fleet
+    assert fleet is not None
+    while fleet._finishing:
+        await asyncio.gather(*fleet._finishing, return_exceptions=True)
+    return await fleet.size(parse_digest(digest))
+
+
+async def test_a_blob_too_large_for_every_hot_tier_reaches_the_bucket_as_it_passes(
+    tmp_path: Path, seaweed: S3Endpoint, redis_server: RedisServer
+) -> None:
+    """No replica keeps the layer (over a quarter of each 1 MiB hot tier): the first
+    to pass it through puts it into the bucket too (in parts, as it passes), and the
+    fleet's next pulls are bucket hits. Content that does not verify is not stored."""
+    fake = FakeRegistry()
+    layer = random.Random(16).randbytes(9 * MiB + 12345)  # two parts
+    bad = random.Random(17).randbytes(MiB)
+    fake.add_image("library/app", "1", [layer, bad])
+    digest, bad_digest = digest_of(layer), digest_of(bad)
+    fake.corrupt.add(bad_digest)
+    clock = Clock()
+    clock.now = time.time()
+    prefix = f"test-{uuid.uuid4().hex}/"
+    a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
+    a_settings = replace(a_settings, cache=replace(a_settings.cache, max_size=MiB))
+    b_settings = replica_settings(tmp_path, "b", seaweed, redis_server.url, prefix)
+    b_settings = replace(b_settings, cache=replace(b_settings.cache, max_size=MiB))
+    async with replica(a_settings, fake, clock) as a, replica(b_settings, fake, clock) as b:
+        assert (await a.get(f"/v2/library/app/blobs/{digest}")).content == layer
+        assert await _in_bucket(a, digest) == len(layer)
+        fetched = fake.count("GET", "blob")
+        for http in (a, b):
+            again = await http.get(f"/v2/library/app/blobs/{digest}")
+            assert again.content == layer
+        assert fake.count("GET", "blob") == fetched  # from the bucket
+
+        await a.get(f"/v2/library/app/blobs/{bad_digest}")  # passed through as it came
+        assert await _in_bucket(a, bad_digest) is None
+    settings = S3Settings(
+        seaweed.bucket,
+        endpoint=seaweed.url,
+        prefix=prefix,
+        access_key=seaweed.access_key,
+        secret_key=seaweed.secret_key,
+    )
+    async with S3Objects(settings) as objects:
+        assert await objects.abort_stale_uploads(0) == 0  # no parts left behind

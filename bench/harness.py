@@ -816,6 +816,9 @@ class Bench:
                 if server is not None and "large" not in server.warm:
                     blob_throughput(url, headers, layer.size, streams=1, rounds=1)
                     server.warm.add("large")
+                    # Warm means done with it: a replica is still putting the layer into
+                    # its bucket for seconds after serving it (SeaweedFS on these cores).
+                    wait_quiet(server.pid)
                 mark = self.log.mark()
                 with CpuMeter(self.server_pid(endpoint)) as cpu_one:
                     one = blob_throughput(

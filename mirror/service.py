@@ -498,6 +498,9 @@ class PullThroughCache:
             async with gate.slot(), source(start) as response:
                 yield response
 
+        # A replica puts what it passes through uncached into the bucket too.
+        passing = gated if self.fleet is None else self.fleet.passing_through(digest, gated)
+
         async def again() -> Blob:
             return await self._get_blob(upstream, repository, digest, retry=False)
 
@@ -507,7 +510,7 @@ class PullThroughCache:
             if not self._may_follow(upstream, repository, digest):
                 await self.holdings.check(upstream, repository, digest, "blob")
                 return await self._get_blob(upstream, repository, digest, retry=retry)
-            return await self._join(fill, "coalesced", gated, upstream, own_route)
+            return await self._join(fill, "coalesced", passing, upstream, own_route)
         planning = self._planning.get(digest)
         if planning is not None:
             await asyncio.shield(planning)
@@ -538,7 +541,10 @@ class PullThroughCache:
                 del self._planning[digest]
                 planning.set_result(None)
         if isinstance(started, Fill):
-            return await self._join(started, "miss", gated, upstream, None)
+            # Too large for this replica's hot tier (or no room): passed through from
+            # the bucket when the fill was to read it there, not fetched upstream again.
+            bucket = planned.stream if planned is not None and planned.source == "bucket" else None
+            return await self._join(started, "miss", bucket or passing, upstream, None)
         gate.release()
         if planned is not None:
             await planned.discard()
@@ -550,7 +556,7 @@ class PullThroughCache:
             if not self._may_follow(upstream, repository, digest):
                 await self.holdings.check(upstream, repository, digest, "blob")
             return await self._follow_foreign(upstream, repository, digest)
-        return await PassedThroughBlob(gated).open()
+        return await PassedThroughBlob(passing).open()
 
     async def _plan_fill(
         self, fleet: Fleet, upstream: Upstream, repository: str, digest: Digest
@@ -615,11 +621,16 @@ class PullThroughCache:
             source = planned.stream
 
         async def adopt(path: Path) -> None:
+            await self.holdings.note(upstream.name, repository, digest)
+
+            async def into_hot_tier() -> None:
+                self._evicted(await self._disk(self.store.adopt_blob, path, digest))
+
             if fleet is not None and planned is not None and planned.from_upstream:
                 # In the bucket before the lease is let go: whoever asks next finds it.
-                await fleet.store(digest, path)
-            await self.holdings.note(upstream.name, repository, digest)
-            self._evicted(await self._disk(self.store.adopt_blob, path, digest))
+                await fleet.store(digest, path, into_hot_tier)
+            else:
+                await into_hot_tier()
 
         async def run() -> None:
             self.metrics.fills_in_flight.inc()

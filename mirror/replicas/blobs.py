@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from ..errors import Unavailable
 from ..reference import Digest
 from ..storage.base import Lease, StorageError, StorageUnavailable
+from ..storage.s3 import StreamedUpload
 from ..upstream.client import BlobResponse
 from .peers import PeerMissing, Peers
 from .shared import Shared
@@ -88,6 +91,7 @@ class Fleet:
         self.lease_ttl = lease_ttl
         self._alone_logged = False  # Redis down: logged once until it answers
         self._sweeper: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()  # uploads of passed-through blobs
 
     def start(self) -> None:
         self._sweeper = asyncio.ensure_future(self._sweep())
@@ -97,6 +101,7 @@ class Fleet:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         await self.peers.aclose()
 
     async def _sweep(self) -> None:
@@ -143,11 +148,36 @@ class Fleet:
     def bucket_source(self, digest: Digest) -> BlobSource:
         return lambda start: self._from_bucket(digest, start)
 
-    async def store(self, digest: Digest, path: Path) -> None:
-        """Put a verified file into the bucket; a failure costs the fleet a later fill,
-        never this one (its readers have every byte already)."""
+    async def store(self, digest: Digest, path: Path, adopt: Callable[[], Awaitable[None]]) -> None:
+        """Adopt a verified fill into the hot tier (``adopt``), then put it into the bucket.
+
+        The hot tier first: a big layer takes seconds to upload, and meanwhile this
+        replica's requests for it are hits (sent zero-copy), not followers of a fill
+        that ended. The upload reads the file through a descriptor opened before the
+        adoption renames it, so the hot tier may rename or evict it meanwhile. A
+        failure to store costs the fleet a later fill, never this one (its readers
+        have every byte already); a failure to adopt is raised once the upload ended.
+        """
         try:
-            size = path.stat().st_size
+            file = open(path, "rb")  # held across the adoption, closed below
+        except OSError as exc:
+            log.error("could not put blob %s into the bucket: %s", digest, exc)
+            self.metrics.unstored_fills.inc()
+            await adopt()
+            return
+        with file:
+            try:
+                await adopt()
+            except Exception:
+                await self._put(digest, file)
+                raise
+            await self._put(digest, file)
+
+    async def _put(self, digest: Digest, file: BinaryIO) -> None:
+        # Linux names an open descriptor's file, whatever became of its own name.
+        path = Path(f"/proc/self/fd/{file.fileno()}")
+        try:
+            size = os.fstat(file.fileno()).st_size
             await self.shared.in_bucket(lambda: self.objects.put_file(digest, path))
         except StorageError:
             self.metrics.unstored_fills.inc()
@@ -157,6 +187,89 @@ class Fleet:
             self.metrics.unstored_fills.inc()
             return
         await self.shared.stored(digest, size)  # eviction counts it
+
+    # passing through, into the bucket too
+
+    def passing_through(self, digest: Digest, source: BlobSource) -> BlobSource:
+        """``source`` for a blob this replica passes through uncached (over the hot tier's
+        ``max_blob_share``, or no room), also putting it into the bucket as it passes:
+        the share bounds the hot tier, not the bucket, so the fleet's next pull of it is
+        a bucket hit. One reader from the start, on one replica (the lease
+        ``upload:<digest>``), uploads; the blob appears only if every byte verified."""
+        return lambda start: self._teed(digest, source, start)
+
+    @asynccontextmanager
+    async def _teed(
+        self, digest: Digest, source: BlobSource, start: int
+    ) -> AsyncIterator[BlobResponse]:
+        async with source(start) as response:
+            upload = await self._upload(digest, response.size) if start == 0 else None
+            if upload is None:
+                yield response
+                return
+            stream, lease = upload
+            hasher = hashlib.new(digest.algorithm)
+            fed = False  # every byte, to the end, went into the upload
+
+            async def chunks() -> AsyncIterator[bytes]:
+                nonlocal fed
+                feeding = True
+                async for data in response.chunks:
+                    if feeding:
+                        hasher.update(data)
+                        feeding = await self._feed(stream, data)
+                    yield data
+                fed = feeding
+
+            renewer = asyncio.ensure_future(self._renew(lease))
+            try:
+                yield BlobResponse(response.size, chunks())
+            finally:
+                renewer.cancel()
+                whole = fed and hasher.hexdigest() == digest.hex
+                # In the background: the reader has its bytes, and may be gone already.
+                self._spawn(self._finish(digest, stream, lease, whole))
+
+    async def _upload(
+        self, digest: Digest, size: int | None
+    ) -> tuple[StreamedUpload, Lease] | None:
+        try:
+            lease = await self.leases.acquire(f"upload:{digest}", self.owner, self.lease_ttl)
+        except StorageUnavailable:
+            return None  # without Redis every replica would upload it: none does
+        if lease is None:
+            return None  # another reader or replica is at it
+        if await self.size(digest) is not None:
+            await lease.release()
+            return None
+        return self.objects.streamed(digest, size), lease
+
+    @staticmethod
+    async def _feed(stream: StreamedUpload, data: bytes) -> bool:
+        try:
+            return await stream.write(data)
+        except StorageError:
+            return False
+
+    async def _finish(
+        self, digest: Digest, upload: StreamedUpload, lease: Lease, whole: bool
+    ) -> None:
+        try:
+            if not whole:
+                await upload.abort()
+            elif await self.shared.in_bucket(upload.complete):
+                await self.shared.stored(digest, upload.written)
+        except StorageError:
+            self.metrics.unstored_fills.inc()
+            await upload.abort()  # if the breaker kept complete() from running at all
+        finally:
+            with contextlib.suppress(StorageError):
+                await lease.release()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     # choosing the source
 

@@ -36,9 +36,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -55,7 +52,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
-__all__ = ["S3Objects", "S3Settings", "StoredObject"]
+__all__ = ["S3Objects", "S3Settings", "StoredObject", "StreamedUpload"]
 
 MiB = 1024 * 1024
 _MAX_PARTS = 10_000  # S3's limits on parts per upload, and on their size (all but the last)
@@ -128,6 +125,11 @@ class S3Objects:
         return f"S3Objects({self.settings!r})"
 
     async def start(self) -> None:
+        # Imported here, not with the module: aiobotocore and aiohttp take a second or
+        # more to import on a busy machine, and a mirror on its disk never uses them.
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
         settings = self.settings
         config = AioConfig(
             connect_timeout=settings.connect_timeout,
@@ -282,19 +284,7 @@ class S3Objects:
                 # The first failure of a part (the others were cancelled because of it).
                 raise failed.exceptions[0] from None
             parts = [task.result() for task in tasks]
-            # Completed only now, when every byte was sent, and only if no other writer
-            # completed the same key meanwhile.
-            async with self._claimed(digest):
-                if await self._size(key) is not None:
-                    raise _Exists()
-                with _translated(f"complete upload {key}"):
-                    await self._s3.complete_multipart_upload(
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                        IfNoneMatch="*",
-                    )
+            await self._complete(digest, upload_id, parts)
             return True
         except _Exists:
             await self._abort(key, upload_id)
@@ -304,6 +294,28 @@ class S3Objects:
             # that a second cancellation does not interrupt the abort.
             await asyncio.shield(self._abort(key, upload_id))
             raise
+
+    async def _complete(
+        self, digest: Digest, upload_id: str, parts: list[CompletedPartTypeDef]
+    ) -> None:
+        """Complete an upload whose every byte was sent, unless another writer completed
+        the same key meanwhile (then ``_Exists``)."""
+        key = self.blob_key(digest)
+        async with self._claimed(digest):
+            if await self._size(key) is not None:
+                raise _Exists()
+            with _translated(f"complete upload {key}"):
+                await self._s3.complete_multipart_upload(
+                    Bucket=self.settings.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                )
+
+    def streamed(self, digest: Digest, size: int | None) -> StreamedUpload:
+        """An upload of the blob fed as its bytes pass by (``StreamedUpload``)."""
+        return StreamedUpload(self, digest, size)
 
     @asynccontextmanager
     async def _claimed(self, digest: Digest) -> AsyncIterator[None]:
@@ -465,6 +477,87 @@ class S3Objects:
                     )
 
 
+class StreamedUpload:
+    """A blob put into the bucket as its bytes pass by, in parts sent as they fill.
+
+    At most ``parts_in_flight`` parts are under way: a ``write`` that would need more is
+    refused (False), and its caller gives the upload up rather than make its own reader
+    wait for the bucket. The blob appears only by ``complete``, create-only, which the
+    caller calls once it has verified every byte; ``abort`` leaves nothing behind.
+    """
+
+    def __init__(self, objects: S3Objects, digest: Digest, size: int | None) -> None:
+        self._objects = objects
+        self._digest = digest
+        self._key = objects.blob_key(digest)
+        least = objects.settings.part_size
+        self._part_size = least if size is None else max(least, math.ceil(size / _MAX_PARTS))
+        self._buffer = bytearray()
+        self.written = 0  # bytes taken so far
+        self._parts: list[asyncio.Task[CompletedPartTypeDef]] = []
+        self._upload_id: str | None = None
+
+    async def write(self, data: bytes) -> bool:
+        """Take ``data``; False when the bucket lags behind or failed (then ``abort``)."""
+        self._buffer += data
+        self.written += len(data)
+        while len(self._buffer) >= self._part_size:
+            if any(part.done() and part.exception() for part in self._parts):
+                return False
+            if (
+                sum(not part.done() for part in self._parts)
+                >= self._objects.settings.parts_in_flight
+            ):
+                return False
+            await self._send(bytes(self._buffer[: self._part_size]))
+            del self._buffer[: self._part_size]
+        return True
+
+    async def _send(self, data: bytes) -> None:
+        s3, bucket, key = self._objects._s3, self._objects.settings.bucket, self._key
+        if self._upload_id is None:
+            with _translated(f"start upload {key}"):
+                upload = await s3.create_multipart_upload(
+                    Bucket=bucket, Key=key, ContentType="application/octet-stream"
+                )
+            self._upload_id = upload["UploadId"]
+        upload_id, number = self._upload_id, len(self._parts) + 1
+
+        async def send() -> CompletedPartTypeDef:
+            with _translated(f"upload part {number} of {key}"):
+                answer = await s3.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                )
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        self._parts.append(asyncio.ensure_future(send()))
+
+    async def complete(self) -> bool:
+        """Send the rest and complete; False when the bucket had the blob already."""
+        try:
+            if self._buffer or not self._parts:
+                await self._send(bytes(self._buffer))
+                self._buffer.clear()
+            parts = [await part for part in self._parts]
+            assert self._upload_id is not None
+            await self._objects._complete(self._digest, self._upload_id, parts)
+        except _Exists:
+            await self.abort()
+            return False
+        except BaseException:
+            await asyncio.shield(self.abort())
+            raise
+        return True
+
+    async def abort(self) -> None:
+        for part in self._parts:
+            part.cancel()
+        await asyncio.gather(*self._parts, return_exceptions=True)
+        if self._upload_id is not None:
+            await self._objects._abort(self._key, self._upload_id)
+            self._upload_id = None
+
+
 def _read_part(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as file:
         file.seek(offset)
@@ -486,6 +579,8 @@ class _PastTheEnd(Exception):
 @contextmanager
 def _translated(what: str) -> Iterator[None]:
     """The library's errors as the contract's; ``what`` names the operation, never secrets."""
+    import aiohttp  # loaded by the client already (see ``S3Objects.start``)
+
     try:
         yield
     except ClientError as exc:

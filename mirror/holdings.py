@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import diskcache
@@ -41,8 +41,10 @@ from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
 from .storage.base import StorageError
 from .storage.disk import Store
-from .storage.redis import RedisRecords
 from .upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from .storage.redis import RedisRecords
 
 __all__ = ["Holdings", "Kind", "references"]
 

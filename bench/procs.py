@@ -147,7 +147,8 @@ class CacheServer(LoopbackService, Service):
 
 
 class MirrorServer(CacheServer):
-    """``mirror serve`` with a generated config: one worker, the upstream as ``docker.io``."""
+    """``mirror serve`` with a generated config: ``workers`` workers (one unless told), the
+    upstream as ``docker.io``."""
 
     name = "mirror"
 
@@ -157,8 +158,10 @@ class MirrorServer(CacheServer):
         upstream_url: str,
         executable: Path,
         shared: SharedStorage | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__(workdir)
+        self.workers = workers
         self.executable = executable.absolute()
         self.config_path = workdir / "mirror.toml"
         self.upstream_url = upstream_url
@@ -170,7 +173,7 @@ class MirrorServer(CacheServer):
             "[server]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
-            "workers = 1\n"
+            f"workers = {self.workers}\n"
             'log_level = "warning"\n'
             "[cache]\n"
             f"directory = {json.dumps(str(self.storage))}\n"

@@ -170,8 +170,9 @@ class _HeadHeldTransport:
         self.under.write(data)
 
     def flush(self) -> None:
-        if self._head:
-            self.write(b"")
+        head, self._head = self._head, b""
+        if head and not self.under.is_closing():  # a client gone takes no head
+            self.under.write(head)
 
     def close(self) -> None:
         self.flush()

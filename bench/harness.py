@@ -317,6 +317,7 @@ class Bench:
     storage: str = "disk"  #: "s3": the mirror runs as a replica on SeaweedFS and Redis
     mirror_tree: Path | None = None  #: another source tree's mirror package (A/B runs)
     mirror_only: bool = False  #: measure the mirror alone (A/B runs of two builds)
+    workers: int = 1  #: the mirror's uvicorn worker processes
     figures: dict[str, Figure] = field(init=False)
     details: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -458,6 +459,7 @@ class Bench:
             _mirror_executable(),
             shared,
             tree=self.mirror_tree,
+            workers=self.workers,
         )
         stack.enter_context(self.mirror)
         self.endpoints = {
@@ -466,7 +468,10 @@ class Bench:
             "direct": Endpoint("direct", self.upstream.host, token=self.direct_token),
             "direct via link": Endpoint("direct", upstream_host, token=self.direct_token),
         }
-        self.say(f"mirror {self.mirror.url}, reference {self.reference.url}")
+        self.say(
+            f"mirror {self.mirror.url} ({self.workers} worker{'s' if self.workers > 1 else ''}), "
+            f"reference {self.reference.url}"
+        )
 
     def shared_storage(self, stack: ExitStack) -> SharedStorage:
         """A SeaweedFS bucket and a redis-server for the mirror to use as a replica."""
@@ -1187,6 +1192,13 @@ def _parser() -> argparse.ArgumentParser:
         "bucket, records in Redis), cold starts on a fresh key prefix (default: disk)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the mirror's worker processes (server.workers; default: 1)",
+    )
+    parser.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -1262,6 +1274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage=args.storage,
         mirror_tree=args.mirror_tree,
         mirror_only=args.mirror_only,
+        workers=args.workers,
     )
     interrupted = False
     logs: dict[str, Any] = {}
@@ -1289,7 +1302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tree = versions["mirror_commit"]
     if versions["mirror_uncommitted"] != "none":
         tree += f" + uncommitted ({versions['mirror_uncommitted']})"
-    print(f"mirror benchmark ({plan.mode} mode), {runtime:.0f} s, mirror at {tree}")
+    print(
+        f"mirror benchmark ({plan.mode} mode), {runtime:.0f} s, mirror at {tree}, "
+        f"{bench.workers} worker(s), storage {bench.storage}"
+    )
     if bench.link is not None:
         print(
             f"upstream link: {format_rate(bench.rate)} shared, "
@@ -1317,6 +1333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runtime_seconds": round(runtime, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": dataclasses.asdict(plan),
+        "mirror_workers": bench.workers,
+        "mirror_storage": bench.storage,
         "upstream_link": {
             "rate_bytes_per_second": bench.rate,
             "latency_ms": bench.latency_ms,

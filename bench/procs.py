@@ -9,6 +9,7 @@ the same way, in front of the upstream registry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -147,7 +148,8 @@ class CacheServer(LoopbackService, Service):
 
 
 class MirrorServer(CacheServer):
-    """``mirror serve`` with a generated config: one worker, the upstream as ``docker.io``."""
+    """``mirror serve`` with a generated config: ``workers`` workers (one unless told), the
+    upstream as ``docker.io``."""
 
     name = "mirror"
 
@@ -158,8 +160,10 @@ class MirrorServer(CacheServer):
         executable: Path,
         shared: SharedStorage | None = None,
         tree: Path | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__(workdir)
+        self.workers = workers
         self.executable = executable.absolute()
         # Another source tree's ``mirror`` package (an older commit, for A/B), run with
         # this venv's libraries.
@@ -174,7 +178,7 @@ class MirrorServer(CacheServer):
             "[server]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
-            "workers = 1\n"
+            f"workers = {self.workers}\n"
             'log_level = "warning"\n'
             "[cache]\n"
             f"directory = {json.dumps(str(self.storage))}\n"
@@ -579,22 +583,40 @@ def io_chars(pid: int) -> int:
     return total
 
 
+def tree_io_chars(root: int) -> int:
+    """:func:`io_chars` of ``root`` and its living descendants."""
+    children = _children_map()
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):  # gone meanwhile
+            total += io_chars(pid)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+# What a quiet server still moves in a second: a uvicorn supervisor's health checks
+# of its workers are a few bytes through pipes.
+_CHATTER = 4096
+
+
 def wait_quiet(pid: int, quiet_for: float = 1.0, timeout: float = 300.0) -> float:
-    """Wait until ``pid`` has moved no byte for ``quiet_for`` seconds; return the wait.
+    """Wait until ``pid`` and its descendants have moved (next to) no byte for
+    ``quiet_for`` seconds; return the wait.
 
     Used on the upstream registry: distribution's proxy keeps fetching a blob in the
     background after its client is served, and those bytes count.
     """
     start = time.monotonic()
     deadline = start + timeout
-    last = io_chars(pid)
+    since = tree_io_chars(pid)
     still_since = time.monotonic()
     while True:
         time.sleep(0.1)
         now = time.monotonic()
-        current = io_chars(pid)
-        if current != last:
-            last, still_since = current, now
+        current = tree_io_chars(pid)
+        if current - since > _CHATTER * quiet_for:
+            since, still_since = current, now
         elif now - still_since >= quiet_for:
             return now - start
         if now > deadline:

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import diskcache
@@ -43,8 +43,10 @@ from .singleflight import SingleFlight
 from .storage.base import StorageError
 from .storage.disk import Store
 from .storage.locks import FileLock
-from .storage.redis import RedisRecords
 from .upstream.client import Upstream
+
+if TYPE_CHECKING:
+    from .storage.redis import RedisRecords
 
 __all__ = ["Holdings", "Kind", "references"]
 

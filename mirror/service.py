@@ -51,7 +51,7 @@ from .replicas.peers import Peers
 from .replicas.records import ReplicaRecords
 from .replicas.shared import Shared
 from .singleflight import SingleFlight
-from .storage.base import MetadataStore, StorageError, TagRecord
+from .storage.base import MetadataStore, RememberedTag, StorageError, TagRecord
 from .storage.disk import Store
 from .storage.disk_records import DiskRecords
 from .storage.locks import FileLock, lock_is_held
@@ -127,6 +127,7 @@ class PullThroughCache:
         self.max_cached_blob: int | None = None
         self._fill_for: dict[Digest, tuple[str, str]] = {}  # (upstream, repository)
         self._background: set[asyncio.Task[None]] = set()
+        self._rereads: set[tuple[str, str, str, tuple[str, ...]]] = set()  # tag records
         # Called before a client's request goes upstream; may refuse it (the web
         # layer's per-client budget). The policy stays here, the budget there.
         self.before_upstream: Callable[[], None] = lambda: None
@@ -291,9 +292,9 @@ class PullThroughCache:
     async def _manifest_by_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> Manifest:
-        record = self._memo_tag(upstream, repository, tag, accept) or await self._read_tag(
-            upstream, repository, tag, accept
-        )
+        record = self._remembered_tag(upstream, repository, tag, accept)
+        if record is None:
+            record = await self._read_tag(upstream, repository, tag, accept)
         if record is None and accept != MANIFEST_TYPES:
             # What the tag is for a client that accepts everything holds for this one
             # too, when it accepts that type (warm and import record only that).
@@ -342,21 +343,60 @@ class PullThroughCache:
         record, _ = await self._tag_reads.do((upstream.name, repository, tag, accept), read)
         return record
 
-    def _memo_tag(
+    def _remembered_tag(
         self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
-        """The newest record in memory that answers this ``Accept``: its own, or what the
-        tag is for a client that accepts everything, when it is of an accepted type. Any
-        variant of ``Accept`` (one type, another order) is then a hit without the index."""
+        """A tag record from memory that answers now, without I/O. One due for a look at
+        the shared records is still answered while the tag is fresh, and one read in
+        the background brings it up to date: requests that waited for that read were
+        the tail at 100 connections (2-4% of manifest requests over 100 ms)."""
+        memo = self._memo_tag(upstream, repository, tag, accept)
+        if memo is None:
+            return None
+        (record, due), recorded_for = memo
+        if due:
+            if not 0 <= self._now() - record.checked_at < upstream.settings.tag_ttl:
+                return None  # another process may have revalidated it: read, then decide
+            self._reread_tag(upstream, repository, tag, recorded_for)
+        return record
+
+    def _reread_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> None:
+        key = (upstream.name, repository, tag, accept)
+        if key in self._rereads:
+            return
+        self._rereads.add(key)
+
+        async def reread() -> None:
+            try:
+                await self._read_tag(upstream, repository, tag, accept)
+            except StorageError as exc:  # the next request reads again, and says so
+                log.debug("could not read the record of %s:%s again: %s", repository, tag, exc)
+            finally:
+                self._rereads.discard(key)
+
+        task = asyncio.ensure_future(reread())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _memo_tag(
+        self, upstream: Upstream, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> tuple[RememberedTag, tuple[str, ...]] | None:
+        """The newest record in memory that answers this ``Accept``, and the ``Accept``
+        it is recorded for: its own, or what the tag is for a client that accepts
+        everything, when it is of an accepted type. Any variant of ``Accept`` (one type,
+        another order) is then a hit without the index."""
         own = self._recent_tag(upstream.name, repository, tag, accept)
-        if accept == MANIFEST_TYPES:
-            return own
-        general = self._recent_tag(upstream.name, repository, tag, MANIFEST_TYPES)
-        if general is None or general.media_type not in accept:
-            return own
-        if own is None or general.checked_at > own.checked_at:
-            return general
-        return own
+        if accept != MANIFEST_TYPES:
+            general = self._recent_tag(upstream.name, repository, tag, MANIFEST_TYPES)
+            if (
+                general is not None
+                and general.record.media_type in accept
+                and (own is None or general.record.checked_at > own.record.checked_at)
+            ):
+                return general, MANIFEST_TYPES
+        return None if own is None else (own, accept)
 
     async def _revalidate(
         self,
@@ -373,7 +413,8 @@ class PullThroughCache:
         media_type, body = cached
         # Another request may have revalidated the tag since this one read its record
         # (there were awaits in between): then there is nothing left to ask.
-        latest = self._memo_tag(upstream, repository, tag, accept)
+        memo = self._memo_tag(upstream, repository, tag, accept)
+        latest = None if memo is None else memo[0].record
         if (
             latest is not None
             and latest.digest == record.digest

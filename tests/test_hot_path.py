@@ -13,6 +13,7 @@ import pytest
 
 from mirror.config import Settings
 from mirror.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from mirror.reference import parse_digest
 from mirror.storage.disk import Store
 from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled
@@ -165,3 +166,56 @@ async def test_uses_served_from_memory_reach_the_index(
             "SELECT access_time FROM Cache WHERE key = ?", (key,)
         ).fetchone()
     assert used > stored
+
+
+async def test_a_tag_record_due_for_a_look_answers_while_one_read_runs_behind(
+    settings: Settings, fake: FakeRegistry, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the second a tag record in memory is trusted for, it still answers while the
+    tag is fresh: no request waits for the records. One read behind them learns what
+    another worker recorded meanwhile; a record gone from the records goes from memory."""
+    first, _ = fake.add_image("library/a", "1", [b"x"])
+    app = create_app(settings, upstream_transport=httpx.MockTransport(fake), now=clock)
+    path, full = "/v2/library/a/manifests/1", {"Accept": ", ".join(MANIFEST_TYPES)}
+    async with app_client(app) as client:
+        assert (await client.get(path, headers=full)).headers["Docker-Content-Digest"] == first
+        # Another worker learns the tag moved, and records it in the shared index.
+        second, body = fake.add_image("library/a", "1", [b"y"])
+        other = Store(settings.cache.directory, settings.cache.max_size, now=clock)
+        try:
+            other.put_manifest(parse_digest(second), OCI_MANIFEST, body)
+            other.put_tag("docker.io", "library/a", "1", MANIFEST_TYPES, parse_digest(second),
+                          OCI_MANIFEST)  # fmt: skip
+        finally:
+            other.close()
+        cache = app.state.cache
+        records, released, reads = cache.records, asyncio.Event(), []
+        original = records.get_tag
+
+        async def held_get_tag(*args: object) -> object:
+            reads.append(args)
+            await released.wait()
+            return await original(*args)
+
+        monkeypatch.setattr(records, "get_tag", held_get_tag)
+        clock.now += 2
+        burst = [client.get(path, headers=full) for _ in range(10)]
+        answers = await asyncio.wait_for(asyncio.gather(*burst), 60)  # none waits for the read
+        assert {a.headers["Docker-Content-Digest"] for a in answers} == {first}
+        assert len(reads) == 1
+        released.set()
+        await cache.drain()
+        assert (await client.get(path, headers=full)).headers["Docker-Content-Digest"] == second
+
+        # The record leaves the index (another worker's eviction): the next look drops it.
+        other = Store(settings.cache.directory, settings.cache.max_size, now=clock)
+        try:
+            assert other._index.delete(f"tag:docker.io/library/a:1|{','.join(MANIFEST_TYPES)}")
+        finally:
+            other.close()
+        clock.now += 2
+        before = fake.count("GET", "manifest")
+        assert (await client.get(path, headers=full)).status_code == 200  # from memory
+        await cache.drain()
+        assert (await client.get(path, headers=full)).headers["Docker-Content-Digest"] == second
+    assert fake.count("GET", "manifest") == before + 1  # asked upstream again, once

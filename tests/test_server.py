@@ -4,6 +4,7 @@ bounded request heads, and cached blobs sent by the kernel."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 from collections.abc import Callable
@@ -157,3 +158,71 @@ async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+class _Recorded:
+    """A connection's transport that remembers what each write carried."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_a_small_answer_leaves_in_one_write_with_its_head(tmp_path: Path) -> None:
+    """Head and body in one write: one system call and one segment for the client to
+    wake for, not two; a HEAD's head, a streamed answer's chunks and a closing
+    connection's last answer still all leave."""
+    writes: list[bytes] = []
+
+    class Recording(server.BoundedHttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_Recorded(transport, writes))  # type: ignore[arg-type]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for part in (b"one", b"two"):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers = [(b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    settings = make_settings(tmp_path).server
+    protocol = functools.partial(
+        Recording,
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    async with served(app, http=protocol) as plain:
+        async with httpx.AsyncClient(base_url=plain.url) as client:
+            got = await client.get("/")
+            assert (got.status_code, got.content) == (200, b"hello")
+            assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200")
+            assert writes[0].endswith(b"\r\n\r\nhello")
+
+            writes.clear()
+            got = await client.head("/")
+            assert (got.status_code, got.headers["content-length"]) == (200, "5")
+            assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n")
+
+            writes.clear()
+            assert (await client.get("/stream")).content == b"onetwo"
+            assert len(writes) == 3 and writes[0].startswith(b"HTTP/1.1 200")
+            assert writes[1:] == [b"3\r\ntwo\r\n", b"0\r\n\r\n"]
+        writes.clear()
+        answer = await _answer(
+            plain.port, b"GET / HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nhello")
+        assert len(writes) == 1

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..reference import Digest
-from ..storage.base import MetadataStore, StorageError, TagRecord
+from ..storage.base import MetadataStore, RememberedTag, StorageError, TagRecord
 from ..storage.memo import Memo
 from .shared import Shared
 
@@ -74,13 +74,13 @@ class ReplicaRecords:
 
     def memo_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
-    ) -> TagRecord | None:
-        """A tag record from memory only, read or written within the last second."""
+    ) -> RememberedTag | None:
+        """A tag record from memory only, due for a read of Redis a second after it
+        was read or written."""
         memo = self._memo.get(_tag_key(upstream, repository, tag, accept))
-        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS:
-            record: TagRecord = memo[0]
-            return record
-        return None
+        if not isinstance(memo, tuple):
+            return None
+        return RememberedTag(memo[0], not 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS)
 
     def _remember(self, key: str, record: TagRecord) -> None:
         self._memo.put(key, (record, self._now()))
@@ -88,12 +88,16 @@ class ReplicaRecords:
     async def get_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
-        record = self.memo_tag(upstream, repository, tag, accept)
-        if record is not None:
-            return record
+        key = _tag_key(upstream, repository, tag, accept)
+        memo = self._memo.get(key)
+        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS:
+            remembered: TagRecord = memo[0]
+            return remembered
         record = await self._read(lambda s: s.get_tag(upstream, repository, tag, accept))
         if record is not None:
-            self._remember(_tag_key(upstream, repository, tag, accept), record)
+            self._remember(key, record)
+        elif memo is not None:  # gone from the records: from memory too
+            self._memo.discard(key, memo)
         return record
 
     async def put_tag(

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import anyio
 
@@ -24,9 +24,11 @@ from ..config import StorageSettings
 from ..metrics import Metrics
 from ..reference import Digest
 from ..storage.base import StorageError, StorageUnavailable
-from ..storage.redis import RedisRecords, RedisSettings
-from ..storage.s3 import S3Objects, S3Settings
 from .uses import BucketUses
+
+if TYPE_CHECKING:
+    from ..storage.redis import RedisRecords
+    from ..storage.s3 import S3Objects
 
 __all__ = ["Health", "Shared"]
 
@@ -67,6 +69,11 @@ class Shared:
         cls, settings: StorageSettings, metrics: Metrics, now: Callable[[], float] = time.time
     ) -> Shared:
         assert settings.bucket is not None and settings.redis_url is not None  # config checks
+        # Imported here: a mirror on its own disk has no use for the S3 and Redis clients
+        # (210 modules, a second of start-up, and objects every full collection walks).
+        from ..storage.redis import RedisRecords, RedisSettings
+        from ..storage.s3 import S3Objects, S3Settings
+
         objects = S3Objects(
             S3Settings(
                 bucket=settings.bucket,

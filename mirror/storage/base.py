@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..reference import Digest
 
@@ -52,6 +52,15 @@ class TagRecord:
     digest: Digest
     media_type: str
     checked_at: float  # wall-clock seconds when the upstream last confirmed it
+
+
+class RememberedTag(NamedTuple):
+    """A tag record from a process's memory. ``due``: past the moment it is trusted
+    for (another process may have moved the tag in the shared records), so it should
+    be read again; it is still what the tag was a second ago."""
+
+    record: TagRecord
+    due: bool
 
 
 class MetadataStore(Protocol):

@@ -33,7 +33,7 @@ import diskcache
 
 from ..reference import Digest
 from .accesstimes import AccessTimes
-from .base import TagRecord
+from .base import RememberedTag, TagRecord
 from .locks import FileLock
 from .memo import Memo
 
@@ -379,33 +379,32 @@ class Store:
 
     # tags
 
-    def _memo_tag(self, key: str) -> TagRecord | None:
+    def _remember_tag(self, key: str, record: TagRecord) -> None:
+        self._memo.put(key, (record, self._now()), _TAG_RECORD_SIZE)
+
+    def memo_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> RememberedTag | None:
+        """A tag record from memory only: no I/O, fine on the event loop."""
+        memo = self._memo.get(_tag_key(upstream, repository, tag, accept))
+        if not isinstance(memo, tuple):
+            return None
+        return RememberedTag(memo[0], not 0 <= self._now() - memo[1] < _TAG_MEMO_SECONDS)
+
+    def get_tag(
+        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
+    ) -> TagRecord | None:
+        key = _tag_key(upstream, repository, tag, accept)
         # Another worker may have moved the tag in the shared index: a record from
         # memory is only trusted for a moment after it was read or written.
         memo = self._memo.get(key)
         if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < _TAG_MEMO_SECONDS:
             record: TagRecord = memo[0]
             return record
-        return None
-
-    def _remember_tag(self, key: str, record: TagRecord) -> None:
-        self._memo.put(key, (record, self._now()), _TAG_RECORD_SIZE)
-
-    def memo_tag(
-        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
-    ) -> TagRecord | None:
-        """A tag record from memory only: no I/O, fine on the event loop."""
-        return self._memo_tag(_tag_key(upstream, repository, tag, accept))
-
-    def get_tag(
-        self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
-    ) -> TagRecord | None:
-        key = _tag_key(upstream, repository, tag, accept)
-        record = self._memo_tag(key)
-        if record is not None:
-            return record
         value = self._read(key)
         if value is None:
+            if memo is not None:  # gone from the index (evicted, deleted): from memory too
+                self._memo.discard(key, memo)
             return None
         digest, media_type, checked_at = value
         record = TagRecord(Digest(*digest), media_type, checked_at)

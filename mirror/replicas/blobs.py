@@ -169,11 +169,13 @@ class Fleet:
             try:
                 await adopt()
             except Exception:
-                await self._put(digest, file)
+                await self.put(digest, file)
                 raise
-            await self._put(digest, file)
+            await self.put(digest, file)
 
-    async def _put(self, digest: Digest, file: BinaryIO) -> None:
+    async def put(self, digest: Digest, file: BinaryIO) -> None:
+        """Put a verified blob, open in ``file``, into the bucket; a failure is counted
+        and logged, not raised."""
         # Linux names an open descriptor's file, whatever became of its own name.
         path = Path(f"/proc/self/fd/{file.fileno()}")
         try:

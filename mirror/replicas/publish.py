@@ -9,8 +9,6 @@ which makes the rest reachable, as the import orders it locally.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import OCIError
 from ..holdings import references
 from ..images import children, is_index, referenced_blobs
@@ -69,8 +67,7 @@ async def _publish_one(cache: PullThroughCache, text: str) -> None:
             if handle is None:
                 raise LookupError(f"blob {blob.digest} is not in the local cache")
             with handle:
-                path = Path(handle.name)
-                await fleet.store(blob.digest, path)
+                await fleet.put(blob.digest, handle)
             if await fleet.size(blob.digest) is None:
                 raise StorageError(f"blob {blob.digest} could not be put into the bucket")
     for digest, (media_type, body) in manifests.items():

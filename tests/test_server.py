@@ -180,6 +180,7 @@ async def test_a_small_answer_leaves_in_one_write_with_its_head(tmp_path: Path) 
     wake for, not two; a HEAD's head, a streamed answer's chunks and a closing
     connection's last answer still all leave."""
     writes: list[bytes] = []
+    head_seen = asyncio.Event()
 
     class Recording(server.BoundedHttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -187,6 +188,11 @@ async def test_a_small_answer_leaves_in_one_write_with_its_head(tmp_path: Path) 
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return
+        if scope["path"] == "/late":  # the body waits for the client to have the head
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await head_seen.wait()
+            await send({"type": "http.response.body", "body": b"late"})
             return
         if scope["path"] == "/stream":
             await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -215,6 +221,12 @@ async def test_a_small_answer_leaves_in_one_write_with_its_head(tmp_path: Path) 
             got = await client.head("/")
             assert (got.status_code, got.headers["content-length"]) == (200, "5")
             assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n")
+
+            writes.clear()
+            async with client.stream("GET", "/late") as late:
+                head_seen.set()
+                assert await asyncio.wait_for(late.aread(), 30) == b"late"
+            assert len(writes) == 2 and writes[0].endswith(b"\r\n\r\n")  # the head first
 
             writes.clear()
             assert (await client.get("/stream")).content == b"onetwo"

@@ -152,9 +152,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 class _HeadHeldTransport:
     """The cycle's view of its connection: a response head waits for the body's
-    first bytes and leaves in the same write. Two writes were two system calls and,
-    with Nagle off, two segments the client wakes for: a tenth of the CPU a small
-    answer costs (manifests, config blobs)."""
+    first bytes in the same turn of the event loop and leaves in the same write.
+    Two writes were two system calls and, with Nagle off, two segments the client
+    wakes for, on every manifest and config blob."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.under = transport
@@ -196,6 +196,10 @@ class _Cycle(RequestResponseCycle):
                 await super().send(message)
             finally:
                 self.transport.holding = False
+            # A small answer's body follows in this turn of the loop and takes the head
+            # along; a body that waits (a blob still coming from the upstream) must not
+            # hold the head back from a client that times its headers.
+            asyncio.get_running_loop().call_soon(self.transport.flush)
             return
         if kind == ZERO_COPY:
             await self._send_file(message)

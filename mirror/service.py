@@ -12,6 +12,7 @@ what is served stale. This is the one module that decides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -76,6 +77,24 @@ async def _no_upstream(start: int) -> AsyncIterator[BlobResponse]:
     (a full disk), the answer is aborted and the peer fills the blob its own way."""
     raise Unavailable("this replica's fill cannot go on")
     yield  # an async generator, for asynccontextmanager
+
+
+def _bucket_else(bucket: BlobSource, upstream: BlobSource) -> BlobSource:
+    """The bucket's copy, or the upstream's when the bucket fails before its first byte:
+    it held the blob when the fill was planned, then went down (a miss passes through
+    from the upstream while the bucket is down, not a 503)."""
+
+    @asynccontextmanager
+    async def opened(start: int) -> AsyncIterator[BlobResponse]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                response = await stack.enter_async_context(bucket(start))
+            except Unavailable as exc:
+                log.warning("%s; from the upstream instead", exc)
+                response = await stack.enter_async_context(upstream(start))
+            yield response
+
+    return opened
 
 
 @dataclass(frozen=True)
@@ -659,7 +678,8 @@ class PullThroughCache:
         self._fill_for[digest] = (upstream.name, repository)
         fleet = self.fleet
         if planned is not None and planned.stream is not None:
-            source = planned.stream
+            bucket = planned.source == "bucket" and not self.offline
+            source = _bucket_else(planned.stream, source) if bucket else planned.stream
 
         async def adopt(path: Path) -> None:
             await self.holdings.note(upstream.name, repository, digest)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,18 @@ async def fills_settled(client: httpx.AsyncClient) -> None:
     """Wait until no fill is under way: a reader may finish before its fill is adopted."""
     while "\nmirror_fills_in_flight 0.0" not in (await client.get("/metrics")).text:
         await asyncio.sleep(0)
+
+
+@pytest.fixture
+def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The byte counts os.sendfile was asked for in this process (by the servers that
+    tests run in process)."""
+    calls: list[int] = []
+    real: Callable[..., int] = os.sendfile
+
+    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    return calls

@@ -9,11 +9,10 @@ a fake upstream.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -44,10 +43,11 @@ _HOP_BY_HOP = {"connection", "transfer-encoding", "expect", "keep-alive"}
 class BucketGateway:
     """An ASGI gateway to the real S3 server: every request forwarded as it came (the
     signature covers the ``Host`` it names), counted by method and path; writes (PUT,
-    POST) wait while ``hold_writes`` is on."""
+    POST) wait while ``hold_writes`` is on; blob reads fail (503) while ``fail_reads``."""
 
     def __init__(self, target: str) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.fail_reads = False
         self.write_held = asyncio.Event()  # a write arrived while held
         self._writes = asyncio.Event()
         self._writes.set()
@@ -66,6 +66,11 @@ class BucketGateway:
         request = Request(scope, receive)
         self.requests.append((request.method, request.url.path))
         body = await request.body()
+        if self.fail_reads and request.method == "GET" and "/blobs/" in request.url.path:
+            await Response(b"<Error><Code>ServiceUnavailable</Code></Error>", 503)(
+                scope, receive, send
+            )
+            return
         if request.method in ("PUT", "POST") and not self._writes.is_set():
             self.write_held.set()
             await self._writes.wait()
@@ -96,20 +101,6 @@ async def bucket_gateway(s3: S3Endpoint) -> AsyncIterator[tuple[BucketGateway, s
                 gateway.release_writes()  # nothing left waiting when a test fails
     finally:
         await gateway.aclose()
-
-
-@pytest.fixture
-def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The byte counts os.sendfile was asked for, in this process (the replica's)."""
-    calls: list[int] = []
-    real: Callable[..., int] = os.sendfile
-
-    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
-        calls.append(count)
-        return real(out, fd, offset, count)
-
-    monkeypatch.setattr(os, "sendfile", counting)
-    return calls
 
 
 def _hits(metrics: str) -> float:
@@ -160,6 +151,36 @@ async def test_a_fill_is_a_hot_tier_hit_while_it_is_put_into_the_bucket(
         assert gateway.count("PUT", key) == 1  # stored for the fleet, once
         assert gateway.count("GET", key) == 0  # never read back
     assert fake.count("GET", "blob") == 1
+
+
+async def test_a_fill_planned_from_the_bucket_goes_upstream_when_the_bucket_fails_to_read(
+    tmp_path: Path, seaweed: S3Endpoint, redis_server: RedisServer
+) -> None:
+    """The bucket held the blob when B planned its fill, then failed the read: B's
+    client gets the blob from the upstream (not a 503), and it is still whole."""
+    fake = FakeRegistry()
+    layer = random.Random(18).randbytes(MiB)
+    fake.add_image("library/app", "1", [layer])
+    digest = digest_of(layer)
+    clock = Clock()
+    clock.now = time.time()
+    prefix = f"test-{uuid.uuid4().hex}/"
+    url = f"/v2/library/app/blobs/{digest}"
+    async with bucket_gateway(seaweed) as (gateway, endpoint):
+        a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
+        b_settings = replica_settings(
+            tmp_path, "b", seaweed, redis_server.url, prefix, endpoint=endpoint
+        )
+        async with replica(a_settings, fake, clock) as a, replica(b_settings, fake, clock) as b:
+            assert (await a.get(url)).content == layer
+            await fills_settled(a)  # in the bucket by now
+            fetched = fake.count("GET", "blob")
+            gateway.fail_reads = True
+            answer = await b.get(url)
+            assert answer.status_code == 200
+            assert answer.content == layer
+            assert fake.count("GET", "blob") == fetched + 1
+            assert gateway.count("GET", digest.removeprefix("sha256:")) >= 1  # it was tried
 
 
 async def test_a_blob_too_large_for_a_hot_tier_is_passed_through_from_the_bucket(

@@ -67,20 +67,6 @@ async def test_a_head_past_the_bound_is_refused_however_it_arrives(tmp_path: Pat
     app.state.cache.store.close()
 
 
-@pytest.fixture
-def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The byte counts os.sendfile was asked for, in this process."""
-    calls: list[int] = []
-    real: Callable[..., int] = os.sendfile
-
-    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
-        calls.append(count)
-        return real(out, fd, offset, count)
-
-    monkeypatch.setattr(os, "sendfile", counting)
-    return calls
-
-
 async def test_cached_blobs_go_by_sendfile_whole_in_ranges_and_to_http_1_0(
     live: live_server, fake: FakeRegistry, sendfile_calls: list[int]
 ) -> None:

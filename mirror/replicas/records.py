@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from ..reference import Digest
 from ..storage.base import MetadataStore, RememberedTag, StorageError, TagRecord
-from ..storage.memo import Memo
+from ..storage.memo import Memo, TagMemo
 from .shared import Shared
 
 __all__ = ["ReplicaRecords"]
@@ -30,8 +30,6 @@ log = logging.getLogger("mirror.replicas")
 
 T = TypeVar("T")
 
-# How long a tag record read from Redis is answered from memory.
-TAG_MEMO_SECONDS = 1.0
 _MEMO_ENTRIES = 65_536
 
 
@@ -45,7 +43,7 @@ class ReplicaRecords:
         self._shared = shared
         self.local = local
         self._now = now
-        self._memo = Memo(_MEMO_ENTRIES)
+        self._tags = TagMemo(Memo(_MEMO_ENTRIES), now)
 
     # the fallback
 
@@ -77,27 +75,20 @@ class ReplicaRecords:
     ) -> RememberedTag | None:
         """A tag record from memory only, due for a read of Redis a second after it
         was read or written."""
-        memo = self._memo.get(_tag_key(upstream, repository, tag, accept))
-        if not isinstance(memo, tuple):
-            return None
-        return RememberedTag(memo[0], not 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS)
-
-    def _remember(self, key: str, record: TagRecord) -> None:
-        self._memo.put(key, (record, self._now()))
+        return self._tags.recall(_tag_key(upstream, repository, tag, accept))
 
     async def get_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
         key = _tag_key(upstream, repository, tag, accept)
-        memo = self._memo.get(key)
-        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < TAG_MEMO_SECONDS:
-            remembered: TagRecord = memo[0]
+        remembered = self._tags.trusted(key)
+        if remembered is not None:
             return remembered
         record = await self._read(lambda s: s.get_tag(upstream, repository, tag, accept))
         if record is not None:
-            self._remember(key, record)
-        elif memo is not None:  # gone from the records: from memory too
-            self._memo.discard(key, memo)
+            self._tags.remember(key, record)
+        else:  # gone from the records
+            self._tags.forget(key)
         return record
 
     async def put_tag(
@@ -113,7 +104,7 @@ class ReplicaRecords:
             lambda s: s.put_tag(upstream, repository, tag, accept, digest, media_type)
         )
         record = TagRecord(digest, media_type, self._now())
-        self._remember(_tag_key(upstream, repository, tag, accept), record)
+        self._tags.remember(_tag_key(upstream, repository, tag, accept), record)
 
     # the rest, as they are
 

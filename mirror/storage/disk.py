@@ -35,7 +35,7 @@ from ..reference import Digest
 from .accesstimes import AccessTimes
 from .base import RememberedTag, TagRecord
 from .locks import FileLock
-from .memo import Memo
+from .memo import Memo, TagMemo
 
 __all__ = ["ORPHAN_GRACE_SECONDS", "AdoptFile", "Store", "TagRecord"]
 
@@ -47,10 +47,6 @@ _INLINE_LIMIT = 8 * 1024 * 1024
 _MEMO_BYTES = 64 * 1024 * 1024
 _TAG_RECORD_SIZE = 256  # roughly what one record costs in memory
 _RENAME_ATTEMPTS = 5
-# How long a tag record in one worker's memory is served without a look at the
-# shared index, where another worker may have recorded the tag's move: the bound
-# on workers disagreeing about a tag (a SQLite read per tag per worker per second).
-_TAG_MEMO_SECONDS = 1.0
 # A blob file that no index entry names is an orphan once it is this old: a crash
 # between an adoption's rename and its commit, or between an eviction's commit and
 # its unlink, leaves one. The index waits up to 60 s for a write lock; this is
@@ -220,6 +216,7 @@ class Store:
         self._sweeper: FileLock | None = None
         self._purge_mark = directory / "purged"
         self._memo = Memo(_MEMO_BYTES, self._purge_mark)
+        self._tags = TagMemo(self._memo, now, _TAG_RECORD_SIZE)
         # Where each cached blob's file is (the index gives it a random suffix): a hit
         # opens it without asking the index. An entry may outlive its file (evicted,
         # maybe by another worker): opening fails and the index is asked again; while
@@ -379,36 +376,26 @@ class Store:
 
     # tags
 
-    def _remember_tag(self, key: str, record: TagRecord) -> None:
-        self._memo.put(key, (record, self._now()), _TAG_RECORD_SIZE)
-
     def memo_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> RememberedTag | None:
         """A tag record from memory only: no I/O, fine on the event loop."""
-        memo = self._memo.get(_tag_key(upstream, repository, tag, accept))
-        if not isinstance(memo, tuple):
-            return None
-        return RememberedTag(memo[0], not 0 <= self._now() - memo[1] < _TAG_MEMO_SECONDS)
+        return self._tags.recall(_tag_key(upstream, repository, tag, accept))
 
     def get_tag(
         self, upstream: str, repository: str, tag: str, accept: tuple[str, ...]
     ) -> TagRecord | None:
         key = _tag_key(upstream, repository, tag, accept)
-        # Another worker may have moved the tag in the shared index: a record from
-        # memory is only trusted for a moment after it was read or written.
-        memo = self._memo.get(key)
-        if isinstance(memo, tuple) and 0 <= self._now() - memo[1] < _TAG_MEMO_SECONDS:
-            record: TagRecord = memo[0]
+        record = self._tags.trusted(key)
+        if record is not None:
             return record
         value = self._read(key)
         if value is None:
-            if memo is not None:  # gone from the index (evicted, deleted): from memory too
-                self._memo.discard(key, memo)
+            self._tags.forget(key)  # gone from the index (evicted, deleted)
             return None
         digest, media_type, checked_at = value
         record = TagRecord(Digest(*digest), media_type, checked_at)
-        self._remember_tag(key, record)
+        self._tags.remember(key, record)
         return record
 
     def put_tag(
@@ -423,7 +410,7 @@ class Store:
         key = _tag_key(upstream, repository, tag, accept)
         checked_at = self._now()
         self._index.set(key, ((digest.algorithm, digest.hex), media_type, checked_at))
-        self._remember_tag(key, TagRecord(digest, media_type, checked_at))
+        self._tags.remember(key, TagRecord(digest, media_type, checked_at))
 
     def tag_targets(
         self, prefix: str = "tag:", after: str = "", limit: int = _BATCH

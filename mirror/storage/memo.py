@@ -12,9 +12,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Memo"]
+from .base import RememberedTag, TagRecord
+
+__all__ = ["TAG_TRUST_SECONDS", "Memo", "TagMemo"]
+
+# How long a tag record in one process's memory is answered without a look at the
+# shared records (the index, or Redis), where another worker or replica may have
+# recorded the tag's move: the bound on processes disagreeing about a tag, for one
+# read per tag per process per second.
+TAG_TRUST_SECONDS = 1.0
 
 
 class Memo:
@@ -65,3 +74,34 @@ class Memo:
             if item is not None and item[0] == value:
                 del self._items[key]
                 self._size -= item[1]
+
+
+class TagMemo:
+    """Tag records in a :class:`Memo`, each with the moment it was read or written."""
+
+    def __init__(self, memo: Memo, now: Callable[[], float], size: int = 1) -> None:
+        self._memo = memo
+        self._now = now
+        self._size = size  # what one record costs in ``memo``'s measure
+
+    def remember(self, key: str, record: TagRecord) -> None:
+        self._memo.put(key, (record, self._now()), self._size)
+
+    def recall(self, key: str) -> RememberedTag | None:
+        """The record in memory, due for a read of the shared records once trusted
+        for :data:`TAG_TRUST_SECONDS`."""
+        memo = self._memo.get(key)
+        if not isinstance(memo, tuple):
+            return None
+        return RememberedTag(memo[0], not 0 <= self._now() - memo[1] < TAG_TRUST_SECONDS)
+
+    def trusted(self, key: str) -> TagRecord | None:
+        """The record in memory while it is trusted, else None."""
+        recalled = self.recall(key)
+        return recalled.record if recalled is not None and not recalled.due else None
+
+    def forget(self, key: str) -> None:
+        """The shared records no longer hold it: neither does memory."""
+        memo = self._memo.get(key)
+        if memo is not None:
+            self._memo.discard(key, memo)

@@ -41,7 +41,7 @@ from .manifest import MANIFEST_TYPES
 from .reference import Digest, parse_digest
 from .singleflight import SingleFlight
 from .storage.base import StorageError
-from .storage.disk import Store
+from .storage.disk import SQLITE_SETTINGS, Store
 from .storage.locks import FileLock
 from .upstream.client import Upstream
 
@@ -114,7 +114,9 @@ class _Records:
 
     def __init__(self, directory: Path, memory_entries: int) -> None:
         self._directory = directory
-        self._disk = diskcache.Cache(str(directory), eviction_policy="none", timeout=60)
+        self._disk = diskcache.Cache(
+            str(directory), eviction_policy="none", timeout=60, **SQLITE_SETTINGS
+        )
         self._memory: OrderedDict[str, bool] = OrderedDict()  # key → expanded
         self._memory_entries = memory_entries
         self._lock = threading.Lock()  # guards _memory and _repositories

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -344,4 +345,20 @@ def test_the_sweep_keeps_young_and_indexed_files_in_every_folder(tmp_path: Path)
         handle = store.open_blob(digest)
         assert handle is not None and handle.read() == _data(i, KiB)
         handle.close()
+    store.close()
+
+
+def test_a_paced_sweep_rests_between_folders_for_the_share_it_does_not_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path, 1 << 40)
+    blobs = [_adopt(store, _data(i, KiB)) for i in range(12)]
+    orphans = [_orphan(tmp_path, d) for d in blobs[::3]]
+    ticks = iter(range(10_000))  # each folder's work "takes" one tick
+    rests: list[float] = []
+    clock = SimpleNamespace(time=time.time, monotonic=lambda: next(ticks), sleep=rests.append)
+    monkeypatch.setattr(disk, "time", clock)
+    assert store.reclaim_orphans(share=0.25) == len(orphans)
+    folders = {d.hex[:2] for d in blobs}
+    assert rests == [3.0] * len(folders)
     store.close()

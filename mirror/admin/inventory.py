@@ -140,6 +140,18 @@ def _range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an autocommit connection, rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _parse_tag_key(key: str) -> tuple[str, str, str, tuple[str, ...]]:
     head, _, accept = key.removeprefix("tag:").partition("|")
     name, _, tag = head.rpartition(":")
@@ -564,14 +576,9 @@ class Inventory:
 
     def _rebuild_pinned(self, db: sqlite3.Connection) -> None:
         keys = self._pin_keys(db)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             db.execute("DELETE FROM Pinned")
             db.executemany("INSERT OR IGNORE INTO Pinned VALUES (?)", [(k,) for k in keys])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _unpin_deleted(self, db: sqlite3.Connection, keys: list[str]) -> None:
         """Pins whose root manifest or tag record was purged go; the rest hold."""
@@ -608,7 +615,8 @@ class Inventory:
             self._flushed = self._now()
         if not pulls:
             return
-        with self._db() as db:
+        # One transaction: each row its own (autocommit) took 0.3 s for 1,000 tags.
+        with self._db() as db, _transaction(db):
             db.executemany(
                 "INSERT INTO Pulls VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
                 " count = count + excluded.count, last = max(last, excluded.last)",

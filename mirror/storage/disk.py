@@ -375,12 +375,11 @@ class Store:
     def _write_access_times(self, times: Mapping[str, float]) -> None:
         # The LRU order diskcache culls by is its access_time column; a later bump from
         # another worker stays.
-        with self._index._transact(retry=True) as (sql, _):
-            for key, accessed in times.items():
-                sql(
-                    "UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1",
-                    (accessed, key),
-                )
+        with self._index._transact(retry=True):
+            self._index._con.executemany(
+                "UPDATE Cache SET access_time = max(access_time, ?) WHERE key = ? AND raw = 1",
+                [(accessed, key) for key, accessed in times.items()],
+            )
 
     # tags
 
@@ -498,12 +497,17 @@ class Store:
                     path.unlink()
                 lock.release(remove=True)
 
-    def reclaim_orphans(self, grace: float = ORPHAN_GRACE_SECONDS) -> int:
+    def reclaim_orphans(self, grace: float = ORPHAN_GRACE_SECONDS, share: float = 1.0) -> int:
         """Remove blob files older than ``grace`` that no index entry names; returns how many.
 
         One process sweeps for all sharing the cache: the first to call this keeps the
         sweeper's lock until it closes (or dies: the kernel drops the lock, and the next
         call elsewhere takes over); in the others it does nothing and returns 0.
+
+        ``share`` is the part of its time the sweep works: after each folder it rests for
+        the rest. A sweep is Python work (7 s of CPU at a million files) holding the GIL
+        that a serving event loop waits for at every system call; at full speed, in the
+        first seconds after a start, hits at a million entries took 3× as long.
         """
         if self._sweeper is None:
             lock = FileLock(self.directory / "sweeper.lock")
@@ -517,6 +521,7 @@ class Store:
             # the index's entries for that key range: memory stays small at a million files,
             # and only files the index does not name are looked at (stat) at all.
             for folder in _folders(self.directory / "blobs", depth=2):
+                began = time.monotonic()
                 names = _file_names(folder)
                 if not names:
                     continue
@@ -533,6 +538,7 @@ class Store:
                         if path.stat().st_mtime < cutoff:
                             path.unlink()
                             removed += 1
+                time.sleep((time.monotonic() - began) * (1 / share - 1))
         if removed:
             log.warning(
                 "removed %d blob files that the index does not know (crash leftovers)", removed

@@ -107,7 +107,9 @@ async def test_unknown_tag_is_manifest_unknown_and_remembered_briefly(
     for _ in range(3):
         response = await client.get("/v2/library/a/manifests/nope", headers={"Accept": ALL})
         assert response.status_code == 404
-        assert response.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        (error,) = response.json()["errors"]
+        assert error["code"] == "MANIFEST_UNKNOWN"
+        assert "library/a" in error["message"] and "nope" in error["message"]
     assert fake.count("GET", "manifest") == 1
 
 

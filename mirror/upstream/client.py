@@ -305,7 +305,8 @@ class Upstream:
 
     def _error(self, response: httpx.Response, unknown: type[OCIError]) -> OCIError:
         status = response.status_code
-        where = f"upstream {self.name} answered {status}"
+        # The path names what was asked (repository, reference) as the upstream knows it.
+        where = f"upstream {self.name} answered {status} for {response.request.url.path}"
         if status == 404:
             return unknown(f"{unknown.code.lower().replace('_', ' ')} ({where})")
         if status == 401:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.logs import configure_logging
 from mirror.manifest import OCI_MANIFEST
+from mirror.metrics import Metrics
 from mirror.web.app import create_app
 from tests.conftest import Clock, app_client, fills_settled, live_server, make_settings
 from tests.fakes import FakeRegistry
@@ -254,3 +255,20 @@ def test_json_log_format_writes_one_object_per_line(capsys: pytest.CaptureFixtur
     assert entry["status"] == 200
     assert entry["logger"] == "mirror.access"
     assert entry["message"] == "line"
+
+
+def test_kept_label_children_count_every_call_into_one_series() -> None:
+    metrics = Metrics(lambda: (0, {}, 0))
+    requests = metrics.requests
+    assert requests.labels("manifest", "GET", "200") is requests.labels("manifest", "GET", "200")
+    for _ in range(3):
+        requests.labels("manifest", "GET", "200").inc()
+    requests.labels(route="manifest", method="GET", status="200").inc()  # the same series
+    requests.labels("manifest", "GET", 200).inc()  # str()ed by prometheus-client, the same
+    requests.labels("blob", "GET", "200").inc()
+    metrics.request_seconds.labels("blob").observe(0.002)
+    samples = parse(metrics.exposition().decode())
+    labels = {"route": "manifest", "method": "GET", "status": "200"}
+    assert value(samples, "mirror_http_requests_total", **labels) == 5
+    assert value(samples, "mirror_http_requests_total", **{**labels, "route": "blob"}) == 1
+    assert value(samples, "mirror_http_request_duration_seconds_count", route="blob") == 1

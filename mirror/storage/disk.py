@@ -35,7 +35,7 @@ from ..reference import Digest
 from .accesstimes import AccessTimes
 from .base import RememberedTag, TagRecord
 from .locks import FileLock
-from .memo import Memo, TagMemo
+from .memo import Memo, PurgeMark, TagMemo
 
 __all__ = ["ORPHAN_GRACE_SECONDS", "SQLITE_SETTINGS", "AdoptFile", "Store", "TagRecord"]
 
@@ -222,7 +222,7 @@ class Store:
                     sql(statement)
         # Held by the one process of those sharing the cache that sweeps it for orphans.
         self._sweeper: FileLock | None = None
-        self._purge_mark = directory / "purged"
+        self._purge_mark = PurgeMark(directory / "purged")
         self._memo = Memo(_MEMO_BYTES, self._purge_mark)
         self._tags = TagMemo(self._memo, now, _TAG_RECORD_SIZE)
         # Where each cached blob's file is (the index gives it a random suffix): a hit
@@ -242,9 +242,7 @@ class Store:
 
     def purged(self) -> None:
         """Entries were deleted: every worker forgets what it holds in memory."""
-        self._purge_mark.touch()
-        stamp = time.time_ns()
-        os.utime(self._purge_mark, ns=(stamp, stamp))
+        self._purge_mark.change()
 
     def close(self) -> None:
         if self._sweeper is not None:

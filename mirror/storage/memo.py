@@ -2,13 +2,14 @@
 
 Hot manifests, tag records and blob file paths are answered from memory, on the
 event loop, without a SQLite read (and the write that LRU bookkeeping costs).
-Every worker has its own; a file that every worker's purge touches tells the
-others to forget what they hold (one ``stat`` a lookup, no read), so purged
-content does not live on in another worker's memory.
+Every worker has its own; a file that every worker's purge writes tells the
+others to forget what they hold (8 bytes of shared memory read a lookup, no
+system call), so purged content does not live on in another worker's memory.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .base import RememberedTag, TagRecord
 
-__all__ = ["TAG_TRUST_SECONDS", "Memo", "TagMemo"]
+__all__ = ["TAG_TRUST_SECONDS", "Memo", "PurgeMark", "TagMemo"]
 
 # How long a tag record in one process's memory is answered without a look at the
 # shared records (the index, or Redis), where another worker or replica may have
@@ -26,10 +27,41 @@ __all__ = ["TAG_TRUST_SECONDS", "Memo", "TagMemo"]
 TAG_TRUST_SECONDS = 1.0
 
 
+_MARK_BYTES = 8
+
+
+class PurgeMark:
+    """A file whose first bytes every purge changes, read through a shared memory map:
+    the processes sharing a cache see the change as soon as it is written, and a lookup
+    makes no system call (a ``stat`` of the file's mtime was one per lookup)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if os.fstat(fd).st_size < _MARK_BYTES:  # new, or touched by an older version
+                os.ftruncate(fd, _MARK_BYTES)  # never shrinks: another's write stays
+            self._map = mmap.mmap(fd, _MARK_BYTES, access=mmap.ACCESS_READ)  # MAP_SHARED
+        finally:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        return self._map[:_MARK_BYTES]
+
+    def change(self) -> None:
+        """Tell every process: random bytes, so two purges at once never write the same
+        value a reader could take for no change (a torn read only clears once more)."""
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            os.pwrite(fd, os.urandom(_MARK_BYTES), 0)
+        finally:
+            os.close(fd)
+
+
 class Memo:
     """An LRU bounded by the total of its entries' sizes, cleared when ``mark`` changes."""
 
-    def __init__(self, max_size: int, mark: Path | None = None) -> None:
+    def __init__(self, max_size: int, mark: PurgeMark | None = None) -> None:
         self._max_size = max_size
         self._size = 0
         self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
@@ -37,11 +69,8 @@ class Memo:
         self._mark = mark
         self._seen = self._stamp()
 
-    def _stamp(self) -> int:
-        try:
-            return os.stat(self._mark).st_mtime_ns if self._mark else 0
-        except OSError:
-            return 0
+    def _stamp(self) -> bytes:
+        return self._mark.read() if self._mark is not None else b""
 
     def get(self, key: str) -> object | None:
         stamp = self._stamp()

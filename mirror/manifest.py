@@ -6,6 +6,7 @@ dead and refused clearly instead of being passed on to clients that would choke.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 
@@ -42,6 +43,12 @@ def accepted_types(accept_lines: Iterable[str]) -> tuple[str, ...]:
     one comma-separated line (containerd); both are read. No header, or a
     wildcard, accepts every type.
     """
+    return _accepted_types(tuple(accept_lines))
+
+
+# A fleet sends a few distinct Accept headers, each on every manifest request.
+@functools.lru_cache(maxsize=64)
+def _accepted_types(accept_lines: tuple[str, ...]) -> tuple[str, ...]:
     wanted: set[str] = set()
     seen_any = False
     for line in accept_lines:

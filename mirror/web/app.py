@@ -305,11 +305,11 @@ def create_app(
     inventory = admin.admin.inventory
 
     def route(request: Request) -> tuple[Upstream, str]:
-        upstream, repository = cache.route(
-            request.path_params["name"], request.query_params.get("ns")
-        )
+        # Most pulls have no query: then parsing one (a QueryParams) is work for nothing.
+        namespace = request.query_params.get("ns") if request.scope.get("query_string") else None
+        upstream, repository = cache.route(request.path_params["name"], namespace)
         request.state.upstream = upstream.name
-        if request.query_params.get("ns"):
+        if namespace:
             request.state.namespace = upstream.name
         gate.authorize(request, upstream.name, repository)
         return upstream, repository

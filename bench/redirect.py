@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mirror.reference import parse_digest
-from mirror.storage.s3 import S3Objects, S3Settings
+from mirror.storage.s3 import S3Objects
 from tests.support.images import write_image
 from tests.support.mirror import MirrorProcess
 from tests.support.redis import RedisServer
@@ -51,13 +51,7 @@ def _curl(url: str) -> float:
 
 
 async def _put(s3: S3Endpoint, prefix: str, path: Path, digest: str) -> None:
-    settings = S3Settings(
-        s3.bucket,
-        endpoint=s3.url,
-        prefix=prefix,
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
-    )
+    settings = s3.settings(prefix)
     async with S3Objects(settings) as objects:
         await objects.put_file(parse_digest(digest), path)
 

@@ -160,6 +160,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own: one it may stop and start."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
 def redis_settings(redis_server: RedisServer) -> RedisSettings:
     return RedisSettings(redis_server.url, prefix=f"test-{uuid.uuid4().hex}:")
 

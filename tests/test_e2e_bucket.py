@@ -56,12 +56,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
         yield Images(registry, old, new)
 
 
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @asynccontextmanager
 async def fleet_shared(replica: MirrorProcess) -> AsyncIterator[Shared]:
     """The bucket and Redis as that replica's config reaches them (what its evictor uses)."""
@@ -115,16 +109,16 @@ class _SlowReader:
 
 
 def test_bucket_eviction_drops_the_least_recently_used_blobs_spares_a_read_and_refills(
-    images: Images, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    images: Images, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     registry = images.registry
     prefix = f"evict-{os.urandom(4).hex()}/"
-    a, b = start_replicas(2, registry.url, seaweed, redis.url, tmp_path / "ab", prefix=prefix)
+    a, b = start_replicas(2, registry.url, seaweed, own_redis.url, tmp_path / "ab", prefix=prefix)
     # A third replica reaches the bucket through a 1 MB/s link: its reads from the
     # bucket last, so that an eviction round can run in the middle of one.
     slow_link = Link(int(seaweed.url.rpartition(":")[2]), "1MB/s").start()
     slow_s3 = S3Endpoint(slow_link.url, seaweed.bucket)
-    (c,) = start_replicas(1, registry.url, slow_s3, redis.url, tmp_path / "c", prefix=prefix)
+    (c,) = start_replicas(1, registry.url, slow_s3, own_redis.url, tmp_path / "c", prefix=prefix)
     replicas = [a, b, c]
     try:
         # Into the bucket: old, then new (each blob once from the upstream).
@@ -189,10 +183,10 @@ def test_bucket_eviction_drops_the_least_recently_used_blobs_spares_a_read_and_r
 
 
 def test_warm_with_a_replicas_config_fills_the_bucket_for_every_replica(
-    images: Images, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    images: Images, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     registry = images.registry
-    (a,) = start_replicas(1, registry.url, seaweed, redis.url, tmp_path / "a")
+    (a,) = start_replicas(1, registry.url, seaweed, own_redis.url, tmp_path / "a")
     try:
         # Run as an operator would, from elsewhere: the replica's config, another cache.
         env = {**a.env, "MIRROR_CACHE_DIRECTORY": str(tmp_path / "warm-cache")}
@@ -230,10 +224,10 @@ def test_warm_with_a_replicas_config_fills_the_bucket_for_every_replica(
 
 
 def test_import_with_a_replicas_config_shares_the_images_with_every_replica(
-    images: Images, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    images: Images, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     registry = images.registry
-    (a,) = start_replicas(1, registry.url, seaweed, redis.url, tmp_path / "a")
+    (a,) = start_replicas(1, registry.url, seaweed, own_redis.url, tmp_path / "a")
     try:
         # An image the upstream does not have: only the import can bring it.
         layout = write_image(tmp_path / "layout", "1", [100_000, 6 * MiB], seed=23)

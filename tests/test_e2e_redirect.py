@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from mirror.reference import parse_digest
-from mirror.storage.s3 import S3Objects, S3Settings
+from mirror.storage.s3 import S3Objects
 from tests.conftest import SeededUpstream
 from tests.support import skopeo
 from tests.support.redis import RedisServer
@@ -23,13 +23,7 @@ pytestmark = pytest.mark.e2e
 
 async def _put_blobs(s3: S3Endpoint, prefix: str, layout: Path, digests: list[str]) -> None:
     """The blobs as a replica's verified fill leaves them in the bucket."""
-    settings = S3Settings(
-        s3.bucket,
-        endpoint=s3.url,
-        prefix=prefix,
-        access_key=s3.access_key,
-        secret_key=s3.secret_key,
-    )
+    settings = s3.settings(prefix)
     async with S3Objects(settings) as objects:
         for digest in digests:
             parsed = parse_digest(digest)

@@ -19,7 +19,7 @@ import pytest
 
 from mirror.reference import parse_digest
 from mirror.replicas.peers import peer_authorization
-from mirror.storage.s3 import S3Objects, S3Settings
+from mirror.storage.s3 import S3Objects
 from tests.support import skopeo
 from tests.support.images import ImageInfo, write_image
 from tests.support.mirror import MirrorProcess
@@ -51,18 +51,12 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         yield Upstream(registry, image, big)
 
 
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 def _fleet(
-    upstream: Upstream, rate: str, s3: S3Endpoint, redis: RedisServer, workdir: Path
+    upstream: Upstream, rate: str, s3: S3Endpoint, own_redis: RedisServer, workdir: Path
 ) -> tuple[Link, list[MirrorProcess]]:
     link = Link(upstream.registry.port, rate).start()
     try:
-        replicas = start_replicas(3, link.url, s3, redis.url, workdir)
+        replicas = start_replicas(3, link.url, s3, own_redis.url, workdir)
     except BaseException:
         link.stop()
         raise
@@ -117,16 +111,7 @@ class _Reader:
 
 def _bucket(s3: S3Endpoint, replica: MirrorProcess) -> S3Objects:
     prefix = replica.config_path.read_text().partition('prefix = "')[2].partition('"')[0]
-    return S3Objects(
-        S3Settings(
-            bucket=s3.bucket,
-            endpoint=s3.url,
-            region=s3.region,
-            prefix=prefix,
-            access_key=s3.access_key,
-            secret_key=s3.secret_key,
-        )
-    )
+    return S3Objects(s3.settings(prefix))
 
 
 def _stored(s3: S3Endpoint, replica: MirrorProcess, *digests: str) -> list[str | None]:
@@ -149,9 +134,9 @@ def _stored(s3: S3Endpoint, replica: MirrorProcess, *digests: str) -> list[str |
 
 
 def test_concurrent_pulls_over_three_replicas_download_each_blob_once(
-    upstream: Upstream, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    upstream: Upstream, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    link, replicas = _fleet(upstream, "40MB/s", seaweed, redis, tmp_path)
+    link, replicas = _fleet(upstream, "40MB/s", seaweed, own_redis, tmp_path)
     try:
         mark = upstream.registry.mark()
         pulls = 9
@@ -189,10 +174,10 @@ def test_concurrent_pulls_over_three_replicas_download_each_blob_once(
 
 
 def test_a_replica_streams_a_blob_another_replica_is_filling(
-    upstream: Upstream, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    upstream: Upstream, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """With a slow upstream, B's client gets its first bytes while A's fill still runs."""
-    link, (a, b, _) = _fleet(upstream, "4MB/s", seaweed, redis, tmp_path)
+    link, (a, b, _) = _fleet(upstream, "4MB/s", seaweed, own_redis, tmp_path)
     try:
         layer = upstream.big.layer_digests[0]
         path = f"/v2/library/big/blobs/{layer}"
@@ -247,9 +232,9 @@ def _check_the_peer_route_serves_replicas_only(
 
 
 def test_killing_the_replica_that_fills_fails_its_waiters_cleanly_and_a_retry_succeeds(
-    upstream: Upstream, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    upstream: Upstream, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    link, (a, b, c) = _fleet(upstream, "2MB/s", seaweed, redis, tmp_path)
+    link, (a, b, c) = _fleet(upstream, "2MB/s", seaweed, own_redis, tmp_path)
     try:
         layer = upstream.big.layer_digests[0]
         path = f"/v2/library/big/blobs/{layer}"
@@ -296,11 +281,11 @@ def _pull_on_each_with_a_fault_mid_fill(
 
 
 def test_pulls_succeed_uncoordinated_when_redis_stops_mid_pull(
-    upstream: Upstream, seaweed: S3Endpoint, redis: RedisServer, tmp_path: Path
+    upstream: Upstream, seaweed: S3Endpoint, own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    link, replicas = _fleet(upstream, "8MB/s", seaweed, redis, tmp_path)
+    link, replicas = _fleet(upstream, "8MB/s", seaweed, own_redis, tmp_path)
     try:
-        digests = _pull_on_each_with_a_fault_mid_fill(replicas, tmp_path, redis.stop)
+        digests = _pull_on_each_with_a_fault_mid_fill(replicas, tmp_path, own_redis.stop)
         assert digests == [upstream.image.manifest_digest] * 3
         # With Redis still down, a miss is filled all the same, and counted.
         pulled = skopeo.copy_to_dir(replicas[1].ref("library/big:1"), tmp_path / "big")
@@ -311,11 +296,11 @@ def test_pulls_succeed_uncoordinated_when_redis_stops_mid_pull(
 
 
 def test_pulls_succeed_from_upstream_and_hot_tiers_when_the_bucket_stops_mid_pull(
-    upstream: Upstream, redis: RedisServer, tmp_path: Path
+    upstream: Upstream, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     with RestartableSeaweed() as store:
         s3 = store.endpoint
-        link, replicas = _fleet(upstream, "4MB/s", s3, redis, tmp_path)
+        link, replicas = _fleet(upstream, "4MB/s", s3, own_redis, tmp_path)
         try:
             digests = _pull_on_each_with_a_fault_mid_fill(replicas, tmp_path, store.kill)
             assert digests == [upstream.image.manifest_digest] * 3

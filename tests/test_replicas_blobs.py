@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mirror.reference import parse_digest
-from mirror.storage.s3 import S3Objects, S3Settings
+from mirror.storage.s3 import S3Objects
 from mirror.web.app import create_app
 from mirror.web.server import uvicorn_options
 from tests.conftest import Clock, fills_settled, live_server
@@ -103,6 +104,26 @@ async def bucket_gateway(s3: S3Endpoint) -> AsyncIterator[tuple[BucketGateway, s
         await gateway.aclose()
 
 
+class _AppLayer(NamedTuple):
+    fake: FakeRegistry  # the upstream: library/app:1 with the layer
+    layer: bytes  # 1 MiB
+    digest: str
+    url: str  # the layer's blob path
+    clock: Clock  # set to the real time: the bucket's times are real ones
+    prefix: str  # a bucket and Redis key prefix of the test's own
+
+
+def _app_layer(seed: int) -> _AppLayer:
+    fake = FakeRegistry()
+    layer = random.Random(seed).randbytes(MiB)
+    fake.add_image("library/app", "1", [layer])
+    digest = digest_of(layer)
+    clock = Clock()
+    clock.now = time.time()
+    url = f"/v2/library/app/blobs/{digest}"
+    return _AppLayer(fake, layer, digest, url, clock, f"test-{uuid.uuid4().hex}/")
+
+
 def _hits(metrics: str) -> float:
     line = 'mirror_cache_requests_total{kind="blob",result="hit"} '
     found = [row for row in metrics.splitlines() if row.startswith(line)]
@@ -115,14 +136,7 @@ async def test_a_fill_is_a_hot_tier_hit_while_it_is_put_into_the_bucket(
     """A big layer takes seconds to upload: the replica's next GETs meanwhile are hits
     of its hot tier, sent by the kernel, not followers of the fill that ended; and no
     GET, then or later, reads the blob back from the bucket."""
-    fake = FakeRegistry()
-    layer = random.Random(14).randbytes(MiB)
-    fake.add_image("library/app", "1", [layer])
-    digest = digest_of(layer)
-    clock = Clock()
-    clock.now = time.time()  # the bucket's times are real ones
-    prefix = f"test-{uuid.uuid4().hex}/"
-    url = f"/v2/library/app/blobs/{digest}"
+    fake, layer, digest, url, clock, prefix = _app_layer(14)
     async with bucket_gateway(seaweed) as (gateway, endpoint):
         settings = replica_settings(
             tmp_path, "a", seaweed, redis_server.url, prefix, endpoint=endpoint
@@ -158,14 +172,7 @@ async def test_a_fill_planned_from_the_bucket_goes_upstream_when_the_bucket_fail
 ) -> None:
     """The bucket held the blob when B planned its fill, then failed the read: B's
     client gets the blob from the upstream (not a 503), and it is still whole."""
-    fake = FakeRegistry()
-    layer = random.Random(18).randbytes(MiB)
-    fake.add_image("library/app", "1", [layer])
-    digest = digest_of(layer)
-    clock = Clock()
-    clock.now = time.time()
-    prefix = f"test-{uuid.uuid4().hex}/"
-    url = f"/v2/library/app/blobs/{digest}"
+    fake, layer, digest, url, clock, prefix = _app_layer(18)
     async with bucket_gateway(seaweed) as (gateway, endpoint):
         a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
         b_settings = replica_settings(
@@ -188,14 +195,7 @@ async def test_a_blob_too_large_for_a_hot_tier_is_passed_through_from_the_bucket
 ) -> None:
     """Replica B keeps no blob over a quarter of its 1 MiB hot tier: a layer that A put
     into the bucket reaches B's clients from the bucket, not from the upstream again."""
-    fake = FakeRegistry()
-    layer = random.Random(15).randbytes(MiB)
-    fake.add_image("library/app", "1", [layer])
-    digest = digest_of(layer)
-    clock = Clock()
-    clock.now = time.time()
-    prefix = f"test-{uuid.uuid4().hex}/"
-    url = f"/v2/library/app/blobs/{digest}"
+    fake, layer, digest, url, clock, prefix = _app_layer(15)
     a_settings = replica_settings(tmp_path, "a", seaweed, redis_server.url, prefix)
     b_settings = replica_settings(tmp_path, "b", seaweed, redis_server.url, prefix)
     b_settings = replace(b_settings, cache=replace(b_settings.cache, max_size=MiB))
@@ -253,12 +253,6 @@ async def test_a_blob_too_large_for_every_hot_tier_reaches_the_bucket_as_it_pass
 
         await a.get(f"/v2/library/app/blobs/{bad_digest}")  # passed through as it came
         assert await _in_bucket(a, bad_digest) is None
-    settings = S3Settings(
-        seaweed.bucket,
-        endpoint=seaweed.url,
-        prefix=prefix,
-        access_key=seaweed.access_key,
-        secret_key=seaweed.secret_key,
-    )
+    settings = seaweed.settings(prefix)
     async with S3Objects(settings) as objects:
         assert await objects.abort_stale_uploads(0) == 0  # no parts left behind

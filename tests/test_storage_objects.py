@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,17 +38,12 @@ class Backend:
 
 
 def s3_settings(endpoint: S3Endpoint, **overrides: object) -> S3Settings:
-    options: dict[str, object] = {
-        "bucket": endpoint.bucket,
-        "endpoint": endpoint.url,
-        "region": endpoint.region,
+    options: dict[str, Any] = {
         "prefix": f"test-{uuid.uuid4().hex}/",
-        "access_key": endpoint.access_key,
-        "secret_key": endpoint.secret_key,
         "part_size": PART,
         **overrides,
     }
-    return S3Settings(**options)  # type: ignore[arg-type]
+    return endpoint.settings(**options)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -299,12 +299,6 @@ async def test_an_object_used_since_it_was_picked_is_not_forgotten(shared: Redis
 
 
 # when Redis goes away
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 async def test_redis_stopped_is_unavailable_then_recovers(

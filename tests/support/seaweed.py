@@ -26,6 +26,8 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from mirror.storage.s3 import S3Settings
+
 from .ports import (
     POLL_INTERVAL,
     Service,
@@ -67,6 +69,12 @@ class S3Endpoint:
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
     region: str = "us-east-1"
+
+    def settings(self, prefix: str, **options: Any) -> S3Settings:
+        """How a replica under ``prefix`` reaches this bucket (``options`` override)."""
+        reach = {"bucket": self.bucket, "endpoint": self.url, "region": self.region,
+                 "access_key": self.access_key, "secret_key": self.secret_key}  # fmt: skip
+        return S3Settings(**{**reach, "prefix": prefix, **options})
 
 
 class SeaweedS3(Service):

@@ -1,11 +1,16 @@
 """Logging: plain text by default, one JSON object per line when configured.
 
 The access log is one line per request; its fields travel as ``extra`` so the
-JSON formatter can keep them as fields rather than a sentence to parse.
+JSON formatter can keep them as fields rather than a sentence to parse. At the
+default level the line was more than a quarter of a warm request's CPU (433 µs a
+request against 313 at "warning"): lines are written once per turn of the event
+loop, records skip what no format here prints, and the time is formatted once a
+second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -31,6 +36,19 @@ def _escape(match: re.Match[str]) -> str:
 class _TextFormatter(logging.Formatter):
     """The text format, control characters escaped. A traceback keeps its lines,
     each indented, so no text of an exception's message starts a line of its own."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # Called under the handler's lock; strftime once a second, not once a line.
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return _CONTROL.sub(_escape, super().formatMessage(record))
@@ -71,8 +89,49 @@ class _DropTlsProbes(logging.Filter):
         return "Invalid HTTP request received" not in record.getMessage()
 
 
+class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, written once per turn of the event loop rather than once per line. A
+    line logged off the loop, or above INFO, goes out at once, after those held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[str] = []
+        self._due: asyncio.AbstractEventLoop | None = None  # the loop a write is due on
+
+    def emit(self, record: logging.LogRecord) -> None:  # under self.lock
+        try:
+            self._held.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or record.levelno > logging.INFO:
+            self.flush()
+        elif self._due is not loop:
+            self._due = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            held, self._held, self._due = self._held, [], None
+            try:
+                if held:
+                    self.stream.write("".join(held))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone: nowhere left to say so
+
+
 def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
+    # No format here prints a record's thread, process name or source line: finding
+    # them for every line is work the logging HOWTO's "Optimization" says to turn off.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = _TurnHandler()
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:

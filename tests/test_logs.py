@@ -1,0 +1,82 @@
+"""The log as `mirror serve` writes it: lines held for a turn of the event loop, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from mirror.logs import _TextFormatter, configure_logging
+
+
+class _Writes:
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[str]:
+        return [line.rsplit(": ", 1)[1] for line in "".join(self.writes).splitlines()]
+
+
+@contextlib.contextmanager
+def _configured() -> Iterator[_Writes]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = _Writes()
+    try:
+        configure_logging("info", "text")
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        yield stream
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def test_lines_of_one_turn_of_the_loop_go_out_in_one_write_after_it() -> None:
+    async def turns(stream: _Writes) -> None:
+        access = logging.getLogger("mirror.access")
+        access.info("one")
+        access.info("two")
+        assert stream.writes == []  # held while this turn runs
+        await asyncio.sleep(0)
+        assert len(stream.writes) == 1 and stream.lines() == ["one", "two"]
+        access.info("three")
+        logging.getLogger("mirror.fills").warning("four")  # at once, after what is held
+        assert stream.lines() == ["one", "two", "three", "four"]
+        access.info("five")  # held again: the warning wrote what there was
+
+    with _configured() as stream:
+        asyncio.run(turns(stream))
+        assert stream.lines()[-1] == "five"  # the loop's last turns ran its write
+
+
+def test_a_line_logged_off_the_loop_is_written_at_once() -> None:
+    with _configured() as stream:
+        logging.getLogger("mirror.holdings").info("from a thread")
+        assert stream.lines() == ["from a thread"]
+
+
+@pytest.mark.parametrize(
+    "created", [1_764_496_800.0, 1_764_496_800.999, 1_764_496_801.0005, 1_764_496_859.5]
+)
+def test_the_time_formatted_once_a_second_reads_as_the_standard_formatter_writes_it(
+    created: float,
+) -> None:
+    ours = _TextFormatter("%(asctime)s %(message)s")
+    ours.format(logging.makeLogRecord({"msg": "warm", "created": created - 1, "msecs": 0}))
+    record = logging.LogRecord("t", logging.INFO, "", 0, "x", (), None)
+    record.created = created
+    record.msecs = (created - int(created)) * 1000
+    assert ours.formatTime(record) == logging.Formatter().formatTime(record)

@@ -31,8 +31,10 @@ __all__ = ["BoundedHttpToolsProtocol", "ZERO_COPY", "uvicorn_options"]
 log = logging.getLogger("mirror.server")
 
 ZERO_COPY = "http.response.zerocopysend"
-# One os.sendfile call at most this much: the event loop gets its turn between calls.
-_SENDFILE_CHUNK = 4 * 1024 * 1024
+# What one os.sendfile call sends at most: 512 KiB streamed 5-8% faster than 4 MiB over
+# loopback at the same CPU per GB (measured with bench.ab; figures in the commit). The
+# event loop gets its turn when the socket is full, not between calls.
+_SENDFILE_CHUNK = 512 * 1024
 
 
 class _HeadTooLarge(Exception):

@@ -3,9 +3,9 @@
 The access log is one line per request; its fields travel as ``extra`` so the
 JSON formatter can keep them as fields rather than a sentence to parse. At the
 default level the line was more than a quarter of a warm request's CPU (433 µs a
-request against 313 at "warning"): lines are written once per turn of the event
-loop, records skip what no format here prints, and the time is formatted once a
-second.
+request against 313 at "warning"): access lines are written once per turn of the
+event loop, records skip what no format here prints, and the time is formatted once
+a second.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import re
 import time
 from typing import Any
 
-__all__ = ["configure_logging"]
+__all__ = ["ACCESS_LOG", "configure_logging"]
+
+ACCESS_LOG = "mirror.access"  # the logger of the line per request
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 # Line breaks and every other control character a request can smuggle into a
@@ -90,8 +92,10 @@ class _DropTlsProbes(logging.Filter):
 
 
 class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """stderr, written once per turn of the event loop rather than once per line. A
-    line logged off the loop, or above INFO, goes out at once, after those held."""
+    """stderr, the access log's lines written once per turn of the event loop rather than
+    once per line. Any other line goes out at once, after those held: the process may end
+    in the turn that logs it (uvicorn re-raises SIGTERM once shut down), and every
+    shutdown logs such a line first."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,7 +112,7 @@ class _TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or record.levelno > logging.INFO:
+        if loop is None or record.name != ACCESS_LOG:
             self.flush()
         elif self._due is not loop:
             self._due = loop
@@ -143,7 +147,7 @@ def configure_logging(level: str, log_format: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # mirror.access logs every request, with its cache result; uvicorn's would repeat it.
+    # ACCESS_LOG has every request, with its cache result; uvicorn's would repeat it.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("uvicorn.error").addFilter(_DropTlsProbes())
     # httpx logs every request at INFO; the access log and metrics already say it all.

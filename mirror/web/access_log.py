@@ -11,11 +11,12 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import ACCESS_LOG
 from ..metrics import Metrics
 
 __all__ = ["AccessLog", "route_of"]
 
-log = logging.getLogger("mirror.access")
+log = logging.getLogger(ACCESS_LOG)
 
 # Results whose bytes did not come from an upstream for this request.
 _FROM_CACHE = {"hit", "coalesced", "revalidated", "stale"}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .cpus import usable_cpus
 from .security.rules import Rule, compile_pattern
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "load",
     "parse_duration",
     "parse_size",
+    "parse_workers",
 ]
 
 
@@ -83,7 +85,7 @@ class CacheSettings:
 class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 5000
-    workers: int = 1
+    workers: int = 1  # "auto" in the file: one per CPU this process may use (cpus.py)
     log_level: str = "info"
     log_format: str = "text"  # or "json": one JSON object per line
     metrics_address: str | None = None  # "host:port" to serve /metrics apart from the API
@@ -237,6 +239,16 @@ def _int(value: object, key: str, *, minimum: int, maximum: int | None = None) -
         bounds = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
         raise ConfigError(key, f"expected an integer {bounds}, got {value!r}")
     return number
+
+
+def parse_workers(value: object, key: str = "server.workers") -> int:
+    """A worker count, or "auto": one per CPU this process may use."""
+    if value == "auto":
+        return usable_cpus()
+    try:
+        return _int(value, key, minimum=1)
+    except ConfigError:
+        raise ConfigError(key, f'expected an integer >= 1 or "auto", got {value!r}') from None
 
 
 def _share(value: object, key: str) -> float:
@@ -421,9 +433,7 @@ def parse(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         port=_int(
             server_raw.get("port", ServerSettings.port), "server.port", minimum=0, maximum=65535
         ),
-        workers=_int(
-            server_raw.get("workers", ServerSettings.workers), "server.workers", minimum=1
-        ),
+        workers=parse_workers(server_raw.get("workers", ServerSettings.workers)),
         log_level=_str(server_raw.get("log_level", ServerSettings.log_level), "server.log_level"),
     )
     log_format = server_raw.get("log_format", ServerSettings.log_format)

@@ -110,3 +110,28 @@ def test_a_killed_workers_live_gauges_are_dropped(upstream: QuirkyUpstream) -> N
             time.sleep(0.05)
         wait_http_ok(f"{mirror.url}/v2/")
         assert _gauge(mirror, "mirror_fills_in_flight") == 0
+
+
+@pytest.mark.parametrize("cpus", ["one", "all"])
+def test_workers_auto_starts_one_per_cpu_the_server_may_run_on(
+    upstream: QuirkyUpstream, cpus: str
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    pinned = allowed[:1] if cpus == "one" else allowed
+    entry = {"name": "docker.io", "url": upstream.url}
+    mirror = MirrorProcess([entry], extra_args=("--workers", "auto"))
+    mirror.wrapper = ("taskset", "-c", ",".join(map(str, pinned)))
+    with mirror:
+        # One worker is the process itself; more are its children spawned by
+        # multiprocessing (next to its resource tracker).
+        spawned = [p for p in mirror.pids()[1:] if b"spawn_main" in _cmdline(p)]
+        assert (len(spawned) or 1) == len(pinned)
+        assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""

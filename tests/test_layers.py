@@ -16,6 +16,7 @@ LAYERS = [
         "breaker",
         "storage.locks",
         "storage.accesstimes",
+        "cpus",
         "config",
         "logs",
         "metrics",

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, Settings, UpstreamSettings, load
+from ..config import ConfigError, Settings, UpstreamSettings, load, parse_workers
 from ..errors import Denied, OCIError, UpstreamRefused
 from ..logs import configure_logging
 from ..manifest import MANIFEST_TYPES
@@ -44,10 +44,12 @@ class UsageError(Exception):
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load(Path(args.config), os.environ)
     server = settings.server
-    for flag in ("host", "port", "workers"):
+    for flag in ("host", "port"):
         value = getattr(args, flag, None)
         if value is not None:
             server = dataclasses.replace(server, **{flag: value})
+    if getattr(args, "workers", None) is not None:
+        server = dataclasses.replace(server, workers=parse_workers(args.workers, "--workers"))
     cache = settings.cache
     if getattr(args, "offline", False):
         cache = dataclasses.replace(cache, offline=True)
@@ -321,7 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="config.toml", help="path to config.toml")
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
-    serve.add_argument("--workers", type=int, help="worker processes (server.workers)")
+    serve.add_argument(
+        "--workers", help='worker processes, or "auto": one per usable CPU (server.workers)'
+    )
     serve.add_argument("--offline", action="store_true", help="never contact any upstream")
     serve.set_defaults(run=_serve)
     check = commands.add_parser(

@@ -67,7 +67,7 @@ def test_access_lines_of_one_turn_of_the_loop_go_out_in_one_write_after_it() -> 
 
 def test_a_line_logged_off_the_loop_is_written_at_once() -> None:
     with _configured() as stream:
-        logging.getLogger("mirror.holdings").info("from a thread")
+        logging.getLogger("tests.logs.thread").info("from a thread")
         assert stream.lines() == ["from a thread"]
 
 

@@ -11,6 +11,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -124,14 +125,7 @@ def test_workers_auto_starts_one_per_cpu_the_server_may_run_on(
     with mirror:
         # One worker is the process itself; more are its children spawned by
         # multiprocessing (next to its resource tracker).
-        spawned = [p for p in mirror.pids()[1:] if b"spawn_main" in _cmdline(p)]
+        children = mirror.pids()[1:]
+        spawned = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert (len(spawned) or 1) == len(pinned)
         assert httpx.get(f"{mirror.url}/v2/").status_code == 200
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""

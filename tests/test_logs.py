@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from mirror.logs import ACCESS_LOG, _TextFormatter, configure_logging
+from mirror.logs import ACCESS_LOG, _JsonFormatter, _TextFormatter, configure_logging
 
 
 class _Writes:
@@ -83,3 +85,7 @@ def test_the_time_formatted_once_a_second_reads_as_the_standard_formatter_writes
     record.created = created
     record.msecs = (created - int(created)) * 1000
     assert ours.formatTime(record) == logging.Formatter().formatTime(record)
+    as_json = _JsonFormatter()
+    as_json.format(logging.makeLogRecord({"msg": "warm", "created": created - 1, "msecs": 0}))
+    utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    assert json.loads(as_json.format(record))["time"] == f"{utc}.{int(record.msecs):03d}Z"

@@ -4,6 +4,7 @@ bounded request heads, and cached blobs sent by the kernel."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import ssl
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mirror.fills.fill import Fill
 from mirror.web import server
 from mirror.web.app import create_app
 from mirror.web.server import uvicorn_options
@@ -67,15 +69,26 @@ async def test_a_head_past_the_bound_is_refused_however_it_arrives(tmp_path: Pat
     app.state.cache.store.close()
 
 
-async def test_cached_blobs_go_by_sendfile_whole_in_ranges_and_to_http_1_0(
+async def test_blobs_go_by_sendfile_from_a_fill_and_from_the_cache_in_ranges_and_to_http_1_0(
     live: live_server, fake: FakeRegistry, sendfile_calls: list[int]
 ) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 17)
+    data = os.urandom(6 * 1024 * 1024 + 17)  # held halfway, past a few upstream chunks
     digest = fake.add_blob(data)
     path = f"/v2/library/a/blobs/{digest}"
+    fake.hold_blobs = asyncio.Event()
     async with httpx.AsyncClient(base_url=live.url) as client:
-        assert (await client.get(path)).content == data  # the miss: from the fill
-        assert sendfile_calls == []
+        # The miss: its readers are sent the fill's file as it grows, not after.
+        async with client.stream("GET", path) as first, client.stream("GET", path) as second:
+            streams = [first.aiter_raw(), second.aiter_raw()]
+            got = [await stream.__anext__() for stream in streams]
+            assert sendfile_calls and fake.count("GET", "blob") == 1
+            assert not fake.hold_blobs.is_set()
+            fake.hold_blobs.set()
+            for i, stream in enumerate(streams):
+                got[i] += b"".join([piece async for piece in stream])
+        assert got == [data, data]
+        assert sum(sendfile_calls) >= 2 * len(data)  # asked for; a full socket takes less
+        sendfile_calls.clear()
         await fills_settled(client)  # the miss may end before its blob is in the cache
         whole = await client.get(path)
         ranged = await client.get(path, headers={"Range": "bytes=100-1048675"})
@@ -92,6 +105,37 @@ async def test_cached_blobs_go_by_sendfile_whole_in_ranges_and_to_http_1_0(
     assert head.split(b"\r\n")[0].split()[1] == b"200"
     assert f"content-length: {len(data)}".encode() in head.lower().split(b"\r\n")
     assert body == data
+
+
+async def test_readers_of_a_fill_that_runs_out_of_disk_get_the_rest_from_upstream(
+    live: live_server,
+    fake: FakeRegistry,
+    sendfile_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What reached the disk goes by sendfile, the rest as bytes in the same answer."""
+    data = os.urandom(6 * 1024 * 1024 + 17)
+    digest = fake.add_blob(data)
+    fake.hold_blobs = asyncio.Event()
+    write = Fill._write
+
+    def write_until_full(fill: Fill, chunk: bytes) -> None:
+        if fake.hold_blobs is not None and fake.hold_blobs.is_set():  # both readers are in
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(fill, chunk)
+
+    monkeypatch.setattr(Fill, "_write", write_until_full)
+    path = f"/v2/library/a/blobs/{digest}"
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+        async with client.stream("GET", path) as first, client.stream("GET", path) as second:
+            streams = [first.aiter_raw(), second.aiter_raw()]
+            got = [await stream.__anext__() for stream in streams]
+            fake.hold_blobs.set()
+            for i, stream in enumerate(streams):
+                got[i] += b"".join([piece async for piece in stream])
+    assert got == [data, data]
+    assert sendfile_calls
+    assert fake.count("GET", "blob") == 3  # the fill, then one resume per reader
 
 
 async def test_clients_gone_mid_sendfile_leave_no_descriptor_open(

@@ -4,22 +4,32 @@ as it grows, or (when the disk is full) straight from the upstream."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import anyio
 
 from ..errors import Unavailable
 from ..upstream.client import BlobResponse
-from .fill import DiskFull, Progress, follow
+from .fill import DiskFull, Progress, readable_spans
 
-__all__ = ["Blob", "BlobSource", "CachedBlob", "FollowedBlob", "PassedThroughBlob"]
+__all__ = ["Blob", "BlobSource", "CachedBlob", "FileSpan", "FollowedBlob", "PassedThroughBlob"]
 
 _CACHED_READ_CHUNK = 2 * 1024 * 1024
 # Reads this small (configs, small layers, a blob's tail) cost less than the hop to a
 # thread and back; they are read on the event loop.
 _INLINE_READ = 64 * 1024
+_FOLLOW_READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Bytes ``offset`` to ``offset + count`` of a blob's ``file()``, there to be sent."""
+
+    offset: int
+    count: int
 
 
 class Blob:
@@ -50,9 +60,18 @@ class Blob:
         self.close()
 
     def file(self) -> BinaryIO | None:
-        """The open file holding every byte of the blob, for a server to send as it
-        is (``close()`` still closes it); None when the bytes come from elsewhere."""
+        """The open file that holds the blob's bytes, or receives them while a fill
+        runs, for a server to send the spans ``pieces`` names (``close()`` still
+        closes it); None when the bytes come from elsewhere."""
         return None
+
+    async def pieces(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes | FileSpan, None]:
+        """Bytes start..end (exclusive) once, as ``chunks`` yields them: spans of
+        ``file()`` as they are there to send, and bytes for what comes from elsewhere."""
+        async for data in self.chunks(start, end):
+            yield data
 
 
 class CachedBlob(Blob):
@@ -84,6 +103,12 @@ class CachedBlob(Blob):
     def file(self) -> BinaryIO | None:
         return self._handle
 
+    async def pieces(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes | FileSpan, None]:
+        assert self.size is not None
+        yield FileSpan(start, (self.size if end is None else end) - start)
+
     def small_body(self, start: int, end: int) -> bytes | None:
         if end - start > _INLINE_READ:
             return None
@@ -100,12 +125,16 @@ BlobSource = Callable[[int], AbstractAsyncContextManager[BlobResponse]]
 
 
 class FollowedBlob(Blob):
-    """A blob read from a fill as it grows; on a full disk, the rest comes from upstream."""
+    """A blob read from a fill as it grows; on a full disk, the rest comes from upstream.
+
+    Its descriptor was opened on the fill's file before the fill could finish, so it
+    keeps naming the same bytes after the file is renamed into the cache."""
 
     def __init__(self, progress: Progress, fd: int, result: str, resume: BlobSource) -> None:
         super().__init__(progress.size, result)
         self._progress = progress
         self._fd: int | None = fd
+        self._file: BinaryIO | None = None
         self._resume = resume
 
     async def _verified(self) -> None:
@@ -118,21 +147,24 @@ class FollowedBlob(Blob):
             self.size = self._progress.size
         return self.size
 
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def file(self) -> BinaryIO | None:
+        if self._file is None and self._fd is not None:
+            self._file = os.fdopen(self._fd, "rb", closefd=False)
+        return self._file
+
+    async def pieces(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncGenerator[bytes | FileSpan, None]:
         assert self._fd is not None
         fd, self._fd = self._fd, None
         position = start
         try:
             if (start, end) != (0, None):
                 # A range ends short of the blob's end: only verified bytes may end it.
-                try:
-                    await self._verified()
-                except BaseException:
-                    os.close(fd)
-                    raise
-            async for data in follow(self._progress, fd, start, end):
-                position += len(data)
-                yield data
+                await self._verified()
+            async for offset, stop in readable_spans(self._progress, start, end):
+                yield FileSpan(offset, stop - offset)
+                position = stop
         except DiskFull:
             async with self._resume(position) as response:
                 async for data in response.chunks:
@@ -142,6 +174,24 @@ class FollowedBlob(Blob):
                     yield data
                     if end is not None and position >= end:
                         break
+        finally:
+            self._progress.close_reader(fd)
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        fd = self._fd
+        async with aclosing(self.pieces(start, end)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, bytes):
+                    yield piece
+                    continue
+                assert fd is not None
+                position, stop = piece.offset, piece.offset + piece.count
+                while position < stop:
+                    data = os.pread(fd, min(stop - position, _FOLLOW_READ_CHUNK), position)
+                    if not data:
+                        raise Unavailable("blob fill file was truncated")
+                    position += len(data)
+                    yield data
 
     def close(self) -> None:
         if self._fd is not None:

@@ -35,12 +35,10 @@ __all__ = [
     "Progress",
     "TooLargeToCache",
     "report_disk_failure",
-    "follow",
+    "readable_spans",
 ]
 
 log = logging.getLogger("mirror.fill")
-
-_READ_CHUNK = 1024 * 1024
 
 
 class Progress:
@@ -269,30 +267,20 @@ def report_disk_failure(exc: BaseException, what: str) -> bool:
     return full
 
 
-async def follow(
-    progress: Progress, fd: int, start: int = 0, end: int | None = None
-) -> AsyncIterator[bytes]:
-    """Bytes ``start``..``end`` (exclusive) of a fill, as they become readable.
-
-    ``fd`` was opened on the fill's file before the fill could finish, so it
-    keeps reading the same bytes after the file is renamed into the cache.
-    """
+async def readable_spans(
+    progress: Progress, start: int = 0, end: int | None = None
+) -> AsyncIterator[tuple[int, int]]:
+    """Spans ``(offset, stop)`` of a fill's file from ``start`` to ``end`` (exclusive;
+    the blob's end when None), each as soon as its bytes may be read: one piece
+    behind the writer until the digest is verified. Raises, once what was readable
+    is passed on, if the fill failed."""
     position = start
-    try:
-        while end is None or position < end:
-            limit = progress.readable() if end is None else min(progress.readable(), end)
-            if position < limit:
-                data = os.pread(fd, min(limit - position, _READ_CHUNK), position)
-                if data:
-                    position += len(data)
-                    yield data
-                    continue
-                if not progress.outcome():
-                    raise Unavailable("blob fill file was truncated")
-                break  # a finished fill of unannounced size ends where its file ends
-            if progress.outcome() and position >= progress.readable():
-                break
-            if not progress.outcome():
-                await progress.wait()
-    finally:
-        progress.close_reader(fd)
+    while end is None or position < end:
+        limit = progress.readable() if end is None else min(progress.readable(), end)
+        if position < limit:
+            yield position, limit
+            position = limit
+        elif progress.outcome():  # raises if the fill failed
+            return  # a verified fill ends at its size, announced or not
+        else:
+            await progress.wait()

@@ -14,7 +14,8 @@ import logging
 import re
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, BinaryIO
+from contextlib import aclosing
+from typing import Any
 from urllib.parse import urlencode
 
 import anyio
@@ -38,7 +39,7 @@ from ..errors import (
     Unavailable,
     Unsupported,
 )
-from ..fills.blobs import Blob
+from ..fills.blobs import Blob, FileSpan
 from ..manifest import OCI_INDEX, accepted_types
 from ..metrics import CONTENT_TYPE
 from ..numbers import bounded_int
@@ -167,17 +168,28 @@ class _HeaderCount:
 
 
 class _BlobStream(StreamingResponse):
-    """A streamed blob that is aborted, not ended cleanly, when its source fails.
+    """A blob's bytes start..end, as they come: from its file, from a fill as it
+    grows, or from the upstream.
 
-    Returning before the final body message makes the server drop the
+    Spans of a file go by the kernel (``os.sendfile``) where the server offers
+    zero-copy sends (plain TCP) and the length is known; the rest, and everything
+    on TLS, as body messages. A source that fails aborts the response rather than
+    ending it: returning before the final body message makes the server drop the
     connection, so a client never takes a short body for a whole blob.
     """
 
-    def __init__(self, blob: Blob, content: AsyncIterator[bytes], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+    def __init__(self, blob: Blob, span: tuple[int, int | None], **kwargs: Any) -> None:
+        super().__init__(blob.chunks(*span), **kwargs)
         self._blob = blob
+        self._span = span
+        self._zero_copy = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._zero_copy = (
+            ZERO_COPY in scope.get("extensions", {})
+            and self._blob.size is not None
+            and self._blob.file() is not None
+        )
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -190,38 +202,29 @@ class _BlobStream(StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         try:
-            await super().stream_response(send)
-        except OCIError as exc:
+            if self._zero_copy:
+                await self._send_pieces(send)
+            else:
+                await super().stream_response(send)
+        except (OCIError, EOFError) as exc:  # EOFError: the file ended early
             log.warning("aborted a blob response: %s", exc)
         except OSError:
             pass  # the client went away
 
-
-class _BlobFile(_BlobStream):
-    """A cached blob's file: sent by the kernel (``os.sendfile``) when the server
-    offers zero-copy sends (plain TCP), streamed as a ``_BlobStream`` otherwise."""
-
-    def __init__(self, blob: Blob, file: BinaryIO, span: tuple[int, int], **kwargs: Any) -> None:
-        super().__init__(blob, blob.chunks(*span), **kwargs)
-        self._file = file
-        self._span = span
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if ZERO_COPY not in scope.get("extensions", {}):
-            await super().__call__(scope, receive, send)
-            return
-        start, end = self._span
-        try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code,
-                 "headers": self.raw_headers}
-            )  # fmt: skip
-            await send({"type": ZERO_COPY, "file": self._file, "offset": start,
-                        "count": end - start})  # fmt: skip
-        except EOFError as exc:  # the server has dropped the connection
-            log.warning("aborted a blob response: %s", exc)
-        finally:
-            await self._blob.aclose()
+    async def _send_pieces(self, send: Send) -> None:
+        file = self._blob.file()
+        await send(
+            {"type": "http.response.start", "status": self.status_code,
+             "headers": self.raw_headers}
+        )  # fmt: skip
+        async with aclosing(self._blob.pieces(*self._span)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, FileSpan):
+                    await send({"type": ZERO_COPY, "file": file, "offset": piece.offset,
+                                "count": piece.count, "more_body": True})  # fmt: skip
+                else:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def _size_for_http_1_0(found: Blob) -> None:
@@ -543,11 +546,4 @@ def _blob_response(found: Blob, digest: Digest, range_header: str | None) -> Res
         body = found.small_body(*(span or (0, found.size)))
         if body is not None:
             return Response(body, status_code=status, headers=headers)
-    file = found.file()
-    if file is not None:
-        assert found.size is not None
-        whole = span or (0, found.size)
-        return _BlobFile(found, file, whole, status_code=status, headers=headers)
-    if span is None:
-        return _BlobStream(found, found.chunks(), headers=headers)
-    return _BlobStream(found, found.chunks(*span), status_code=status, headers=headers)
+    return _BlobStream(found, span or (0, None), status_code=status, headers=headers)

@@ -1,9 +1,10 @@
 """The Prometheus metrics an operator runs the mirror on.
 
 Every metric lives on a ``CollectorRegistry`` owned by one ``Metrics`` object, so
-tests can build many apps in one process. Under ``mirror serve`` the environment
-carries ``PROMETHEUS_MULTIPROC_DIR`` and prometheus-client's multiprocess mode
-adds up what every worker counted; figures that are facts about the shared disk
+tests can build many apps in one process. Under ``mirror serve`` with several
+workers (or a metrics listener of its own) the environment carries
+``PROMETHEUS_MULTIPROC_DIR`` and prometheus-client's multiprocess mode adds up
+what every worker counted; figures that are facts about the shared disk
 (cache size, entries) are read at scrape time instead of being counted.
 """
 

@@ -36,7 +36,9 @@ def test_cache_files_are_the_service_users_alone(tmp_path: Path, registry: Diale
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)  # as an older version, or an operator, left it
     upstream = {"name": "reg.test", "url": registry.url, "retries": 0}
-    with MirrorProcess([upstream], cache_dir=cache, workdir=tmp_path / "mirror") as mirror:
+    # Two workers: they count metrics in files of the cache directory (one counts in memory).
+    mirror = MirrorProcess([upstream], cache_dir=cache, workdir=tmp_path / "mirror", workers=2)
+    with mirror:
         with httpx.Client(base_url=mirror.url) as client:
             assert client.get("/v2/team/a/manifests/1", headers=ACCEPT).status_code == 200
             assert client.get(f"/v2/team/a/blobs/{layer}").status_code == 200

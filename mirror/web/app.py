@@ -467,11 +467,11 @@ def create_app(
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     routes = [
-        Route("/v2/", guard(api_root, "base"), methods=every),
-        Route("/v2/_catalog", guard(catalog), methods=every),
         Route("/v2/{name:path}/manifests/{reference}", guard(manifest), methods=every),
         Route("/v2/{name:path}/blobs/uploads/{rest:path}", guard(unknown), methods=every),
         Route("/v2/{name:path}/blobs/{digest}", guard(blob), methods=every),
+        Route("/v2/", guard(api_root, "base"), methods=every),
+        Route("/v2/_catalog", guard(catalog), methods=every),
         Route("/v2/{name:path}/tags/list", guard(tags), methods=every),
         Route("/v2/{name:path}/referrers/{digest}", guard(referrers), methods=every),
         Route("/v2/{rest:path}", guard(unknown), methods=every),

@@ -1,15 +1,15 @@
 """Per-request observation: one access-log line and the request metrics.
 
 Routes leave what they learnt (the cache result, the upstream) in the request's
-state; this middleware reads it once the response is done.
+state; the web layer's envelope (``app._Exchange``) hands each exchange here once
+its answer is done.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from ..logs import ACCESS_LOG
 from ..metrics import Metrics
@@ -44,34 +44,12 @@ def route_of(path: str) -> str:
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
+    """What is kept of each exchange: the request metrics, and a line at ``info``."""
+
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 0
-        sent = 0
-
-        async def observe(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            elif message["type"] == "http.response.zerocopysend":
-                sent += message.get("count") or 0
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observe)
-        finally:
-            self._record(scope, status or 500, sent, time.perf_counter() - started)
-
-    def _record(self, scope: Scope, status: int, sent: int, seconds: float) -> None:
+    def record(self, scope: Scope, status: int, sent: int, seconds: float) -> None:
         route = route_of(scope["path"])
         method = scope["method"]
         state = scope.get("state") or {}

@@ -64,7 +64,12 @@ async def test_oversized_heads_are_refused(tmp_path: Path) -> None:
                 assert huge.status_code == 400
         async with httpx.AsyncClient(base_url=mirror.url) as client:
             many = {f"X-H{i}": "1" for i in range(150)}
-            assert (await client.get("/v2/", headers=many)).status_code == 431
+            refused = await client.get("/v2/", headers=many)
+            assert refused.status_code == 431
+            assert refused.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+            labels = {"route": "base", "method": "GET", "status": "431"}
+            registry = app.state.cache.metrics.registry  # counted like any answer
+            assert registry.get_sample_value("mirror_http_requests_total", labels) == 1
             assert (await client.get("/v2/")).status_code == 200
     await app.state.cache.aclose()
     app.state.cache.store.close()

@@ -67,12 +67,13 @@ LAYERS = [
         "admin.operations",
         "web.admin",
         "web.peers",
+        "web.pull_routes",
     },
     {"web.app", "web.server"},
     {"cli.main", "cli.admin", "__main__"},
 ]
 # The modules that may import Starlette: the web layer.
-WEB = {"web.app", "web.access_log", "web.auth", "web.admin", "web.peers"}
+WEB = {"web.app", "web.access_log", "web.auth", "web.admin", "web.peers", "web.pull_routes"}
 
 
 def _modules() -> dict[str, Path]:

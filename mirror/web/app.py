@@ -53,6 +53,7 @@ from .access_log import AccessLog
 from .admin import AdminRoutes
 from .auth import Gate
 from .peers import peer_routes
+from .pull_routes import PullRoutes
 from .server import ZERO_COPY
 
 __all__ = ["create_app"]
@@ -465,9 +466,8 @@ def create_app(
 
     every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     routes = [
-        Route("/v2/{name:path}/manifests/{reference}", guard(manifest), methods=every),
+        # manifests and blobs: PullRoutes, below
         Route("/v2/{name:path}/blobs/uploads/{rest:path}", guard(unknown), methods=every),
-        Route("/v2/{name:path}/blobs/{digest}", guard(blob), methods=every),
         Route("/v2/", guard(api_root, "base"), methods=every),
         Route("/v2/_catalog", guard(catalog), methods=every),
         Route("/v2/{name:path}/tags/list", guard(tags), methods=every),
@@ -495,6 +495,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cache = cache
+    pulls = {"manifest": guard(manifest), "blob": guard(blob)}
+    app.add_middleware(PullRoutes, **pulls, render_error=_error_response)
     max_headers = settings.server.max_headers
     app.add_middleware(_Exchange, access_log=AccessLog(metrics), max_headers=max_headers)
     return app

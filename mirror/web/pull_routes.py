@@ -3,7 +3,7 @@
 A pull is a manifest and its blobs: ``/v2/<name>/manifests/<reference>`` and
 ``/v2/<name>/blobs/<digest>``. Starlette's router tries a regular expression per
 route and wraps the one that matches in exception handlers and send wrappers of
-its own: 13% of a warm request's instructions. One split of the path finds these
+its own: 12% of a warm request's instructions. One split of the path finds these
 two. It takes exactly the paths Starlette's patterns for them took (``<name>``
 may hold slashes or be empty, the last segment may not), except that a name with
 a line break, which those patterns refused, reaches the route to be refused there

@@ -69,6 +69,26 @@ async def test_a_head_past_the_bound_is_refused_however_it_arrives(tmp_path: Pat
     app.state.cache.store.close()
 
 
+async def _two_readers_across_the_hold(
+    client: httpx.AsyncClient,
+    path: str,
+    fake: FakeRegistry,
+    while_held: Callable[[], None] = lambda: None,
+) -> list[bytes]:
+    """Two GETs of a blob the upstream holds halfway: each reads its first bytes
+    during the hold, the rest once it is released."""
+    assert fake.hold_blobs is not None
+    async with client.stream("GET", path) as first, client.stream("GET", path) as second:
+        streams = [first.aiter_raw(), second.aiter_raw()]
+        got = [await stream.__anext__() for stream in streams]
+        assert not fake.hold_blobs.is_set()
+        while_held()
+        fake.hold_blobs.set()
+        for i, stream in enumerate(streams):
+            got[i] += b"".join([piece async for piece in stream])
+    return got
+
+
 async def test_blobs_go_by_sendfile_from_a_fill_and_from_the_cache_in_ranges_and_to_http_1_0(
     live: live_server, fake: FakeRegistry, sendfile_calls: list[int]
 ) -> None:
@@ -77,16 +97,11 @@ async def test_blobs_go_by_sendfile_from_a_fill_and_from_the_cache_in_ranges_and
     path = f"/v2/library/a/blobs/{digest}"
     fake.hold_blobs = asyncio.Event()
     async with httpx.AsyncClient(base_url=live.url) as client:
-        # The miss: its readers are sent the fill's file as it grows, not after.
-        async with client.stream("GET", path) as first, client.stream("GET", path) as second:
-            streams = [first.aiter_raw(), second.aiter_raw()]
-            got = [await stream.__anext__() for stream in streams]
+
+        def while_held() -> None:  # the fill's readers are sent its file as it grows
             assert sendfile_calls and fake.count("GET", "blob") == 1
-            assert not fake.hold_blobs.is_set()
-            fake.hold_blobs.set()
-            for i, stream in enumerate(streams):
-                got[i] += b"".join([piece async for piece in stream])
-        assert got == [data, data]
+
+        assert await _two_readers_across_the_hold(client, path, fake, while_held) == [data] * 2
         assert sum(sendfile_calls) >= 2 * len(data)  # asked for; a full socket takes less
         sendfile_calls.clear()
         await fills_settled(client)  # the miss may end before its blob is in the cache
@@ -127,13 +142,7 @@ async def test_readers_of_a_fill_that_runs_out_of_disk_get_the_rest_from_upstrea
     monkeypatch.setattr(Fill, "_write", write_until_full)
     path = f"/v2/library/a/blobs/{digest}"
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
-        async with client.stream("GET", path) as first, client.stream("GET", path) as second:
-            streams = [first.aiter_raw(), second.aiter_raw()]
-            got = [await stream.__anext__() for stream in streams]
-            fake.hold_blobs.set()
-            for i, stream in enumerate(streams):
-                got[i] += b"".join([piece async for piece in stream])
-    assert got == [data, data]
+        assert await _two_readers_across_the_hold(client, path, fake) == [data] * 2
     assert sendfile_calls
     assert fake.count("GET", "blob") == 3  # the fill, then one resume per reader
 

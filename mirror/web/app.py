@@ -16,7 +16,7 @@ import sqlite3
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import anyio
@@ -181,14 +181,11 @@ class _BlobStream(StreamingResponse):
         super().__init__(blob.chunks(*span), **kwargs)
         self._blob = blob
         self._span = span
-        self._zero_copy = False
+        self._file: BinaryIO | None = None  # sent by the kernel, when the server offers it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._zero_copy = (
-            ZERO_COPY in scope.get("extensions", {})
-            and self._blob.size is not None
-            and self._blob.file() is not None
-        )
+        if ZERO_COPY in scope.get("extensions", {}) and self._blob.size is not None:
+            self._file = self._blob.file()
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -201,8 +198,8 @@ class _BlobStream(StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         try:
-            if self._zero_copy:
-                await self._send_pieces(send)
+            if self._file is not None:
+                await self._send_pieces(send, self._file)
             else:
                 await super().stream_response(send)
         except (OCIError, EOFError) as exc:  # EOFError: the file ended early
@@ -210,8 +207,7 @@ class _BlobStream(StreamingResponse):
         except OSError:
             pass  # the client went away
 
-    async def _send_pieces(self, send: Send) -> None:
-        file = self._blob.file()
+    async def _send_pieces(self, send: Send, file: BinaryIO) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code,
              "headers": self.raw_headers}
@@ -495,8 +491,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cache = cache
-    pulls = {"manifest": guard(manifest), "blob": guard(blob)}
-    app.add_middleware(PullRoutes, **pulls, render_error=_error_response)
+    manifest_route, blob_route = guard(manifest), guard(blob)
+    app.add_middleware(
+        PullRoutes, manifest=manifest_route, blob=blob_route, render_error=_error_response
+    )
     max_headers = settings.server.max_headers
     app.add_middleware(_Exchange, access_log=AccessLog(metrics), max_headers=max_headers)
     return app

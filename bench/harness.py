@@ -1205,7 +1205,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SECONDS",
         help="first wait up to SECONDS for other processes to leave the CPU idle "
-        f"(under {OTHERS_WARN:.0%} for 5 s in a row)",
+        f"(under {OTHERS_WARN:.0%}% for 5 s in a row)",
     )
     parser.add_argument(
         "--json",

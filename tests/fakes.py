@@ -156,12 +156,13 @@ class FakeRegistry:
 
     @staticmethod
     def _kind(path: str) -> str:
-        for kind in ("manifest", "blob", "referrer"):
-            if f"/{kind}s/" in path:
-                return kind
-        if path.endswith("/tags/list"):
-            return "tags"
-        return "other"
+        """By the segment before the last, as a registry routes (``myorg/manifests`` is
+        a repository name)."""
+        parent = path.rpartition("/")[0].rpartition("/")[2]
+        kind = {"manifests": "manifest", "blobs": "blob", "referrers": "referrer"}.get(parent)
+        if kind is not None:
+            return kind
+        return "tags" if path.endswith("/tags/list") else "other"
 
     def _challenge(self, request: httpx.Request) -> httpx.Response | None:
         auth = request.headers.get("Authorization", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -93,6 +94,22 @@ async def test_a_miss_then_a_hit_move_the_counters_exactly(
     assert value(after_hit, "mirror_cache_entries", kind="tag") == 1
     assert value(after_hit, "mirror_cache_size_bytes") > 1000
     assert value(after_hit, "mirror_cache_max_size_bytes") == 50 * 1024**3
+
+
+async def test_a_repository_named_like_a_route_is_counted_by_the_route_taken(
+    client: httpx.AsyncClient, fake: FakeRegistry
+) -> None:
+    fake.add_image("myorg/manifests", "1", [b"layer"])
+    blob = "sha256:" + hashlib.sha256(b"layer").hexdigest()
+    assert (await client.get("/v2/myorg/manifests/manifests/1", headers=ACCEPT)).status_code == 200
+    assert (await client.get(f"/v2/myorg/manifests/blobs/{blob}")).status_code == 200
+    await client.get("/v2/myorg/manifests/tags/list")
+    samples = await scrape(client)
+
+    def requests(route: str) -> float:
+        return value(samples, "mirror_http_request_duration_seconds_count", route=route)
+
+    assert (requests("manifest"), requests("blob"), requests("tags")) == (1, 1, 1)
 
 
 async def test_stale_and_negative_answers_are_counted(

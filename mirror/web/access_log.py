@@ -13,6 +13,7 @@ from starlette.types import Scope
 
 from ..logs import ACCESS_LOG
 from ..metrics import Metrics
+from .pull_routes import pull_route
 
 __all__ = ["AccessLog", "route_of"]
 
@@ -23,20 +24,26 @@ _FROM_CACHE = {"hit", "coalesced", "revalidated", "stale"}
 
 
 def route_of(path: str) -> str:
-    """A bounded label for a request path."""
+    """A bounded label for a request path: the route that takes it.
+
+    Found as the routes are tried (``pull_route``, then the router's order), not by
+    what the path contains: ``myorg/manifests`` is a repository name, and a blob of
+    it is counted as a blob."""
     if path in ("/v2/", "/v2"):
         return "base"
     if path.startswith("/v2/"):
+        pull = pull_route(path)
+        if pull is not None:
+            return "manifest" if pull[0] == "manifests" else "blob"
+        if "/blobs/uploads/" in path[4:]:  # a push, refused: the blob API's other half
+            return "blob"
         if path == "/v2/_catalog":
             return "catalog"
-        for marker, route in (
-            ("/manifests/", "manifest"),
-            ("/blobs/", "blob"),
-            ("/tags/list", "tags"),
-            ("/referrers/", "referrers"),
-        ):
-            if marker in path:
-                return route
+        if path.endswith("/tags/list") and len(path) >= len("/v2//tags/list"):
+            return "tags"
+        head, _, digest = path.rpartition("/")
+        if digest and head.endswith("/referrers") and len(head) >= len("/v2//referrers"):
+            return "referrers"
         return "other"
     if path in ("/metrics", "/healthz", "/readyz"):
         return path[1:]

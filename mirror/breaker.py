@@ -31,6 +31,12 @@ class CircuitBreaker:
             return "closed"
         return "open" if self._now() < self._open_until else "half-open"
 
+    def open_for(self) -> float:
+        """Seconds until a probe may go; 0 when closed or half-open."""
+        if self._open_until is None:
+            return 0.0
+        return max(0.0, self._open_until - self._now())
+
     def allow(self) -> bool:
         """May a request go upstream now? In half-open state, only one probe at a time."""
         state = self.state

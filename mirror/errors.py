@@ -18,6 +18,8 @@ error JSON.
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "BlobUnknown",
     "Denied",
@@ -36,6 +38,7 @@ __all__ = [
     "Unavailable",
     "Unsupported",
     "UpstreamRefused",
+    "retry_after",
 ]
 
 
@@ -131,3 +134,8 @@ class RequestInvalid(OCIError):
     """An admin request that names nothing sensible (an unknown purge kind, a bad age)."""
 
     code, status = "INVALID_REQUEST", 400
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, at least one."""
+    return str(max(1, math.ceil(seconds)))

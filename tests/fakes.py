@@ -42,7 +42,7 @@ class FakeRegistry:
     no_length: bool = False  # blob answers carry no Content-Length
     halfway: asyncio.Event = field(default_factory=asyncio.Event)
     expires_in: int = 300
-    headers: dict[str, str] = field(default_factory=dict)  # added to manifest answers
+    headers: dict[str, str] = field(default_factory=dict)  # added to manifest and status answers
     referrers: list[dict[str, object]] = field(default_factory=list)  # descriptors
     # Which repository holds which digests; with ``strict``, content by digest is
     # served only under a repository holding it, as real registries do.
@@ -125,7 +125,8 @@ class FakeRegistry:
         if challenge is not None:
             return challenge
         if self.status is not None:
-            return httpx.Response(self.status, json={"errors": [{"code": "UNKNOWN"}]})
+            errors = {"errors": [{"code": "UNKNOWN"}]}
+            return httpx.Response(self.status, json=errors, headers=self.headers)
         name, _, rest = path[len("/v2/") :].rpartition(f"/{kind}s/" if kind != "tags" else "/tags/")
         if path == "/v2/":
             return httpx.Response(200, json={})

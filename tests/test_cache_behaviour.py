@@ -157,8 +157,12 @@ async def test_breaker_opens_after_repeated_failures_and_probes_after_cooldown(
         assert "Warning" in response.headers
     uncached = await client.get("/v2/library/b/manifests/1", headers=ACCEPT)
     assert uncached.status_code == 503
+    assert uncached.headers["Retry-After"] == "30"  # breaker_cooldown = 30 s, all of it left
+    clock.now += 20.5
+    uncached = await client.get("/v2/library/b/manifests/1", headers=ACCEPT)
+    assert (uncached.status_code, uncached.headers["Retry-After"]) == (503, "10")
     assert fake.count("HEAD", "refused") + fake.count("GET", "refused") == attempts
-    clock.now += 31  # breaker_cooldown = 30 s
+    clock.now += 10.5
     fake.down = False
     response = await client.get("/v2/library/a/manifests/1", headers=ACCEPT)
     assert "Warning" not in response.headers

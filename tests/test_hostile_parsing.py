@@ -94,6 +94,23 @@ async def test_unreadable_retry_after_still_serves_stale(
         assert response.headers["Warning"].startswith("110")
 
 
+async def test_an_upstream_503_says_when_to_come_back(
+    tmp_path: Path, fake: FakeRegistry, clock: Clock
+) -> None:
+    app = create_app(
+        make_settings(tmp_path), upstream_transport=httpx.MockTransport(fake), now=clock
+    )
+    async with app_client(app) as client:
+        fake.status = 503
+        fake.headers = {"Retry-After": "7"}
+        response = await client.get("/v2/library/a/manifests/1")
+        assert (response.status_code, response.headers["Retry-After"]) == (503, "7")
+        fake.headers = {}
+        response = await client.get("/v2/library/a/manifests/1")
+        assert response.status_code == 503
+        assert "Retry-After" not in response.headers  # unknown until the breaker opens
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -9,7 +9,6 @@ libraries for it bring storage back ends this mirror does not need.)
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -22,7 +21,6 @@ __all__ = [
     "ClientLimits",
     "TokenBucket",
     "current_client",
-    "retry_after",
 ]
 
 _MAX_BUCKETS = 10_000  # beyond this, buckets back to full are forgotten
@@ -84,11 +82,6 @@ class Buckets:
     def wait(self, key: str) -> float:
         bucket = self._buckets.get(key)
         return 0.0 if bucket is None else bucket.wait(self._now())
-
-
-def retry_after(seconds: float) -> str:
-    """A ``Retry-After`` value: whole seconds, at least one."""
-    return str(max(1, math.ceil(seconds)))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ..errors import (
     TooManyRequests,
     Unavailable,
     UpstreamRefused,
+    retry_after,
 )
 from ..manifest import MAX_MANIFEST_BYTES, manifest_media_type
 from ..metrics import Metrics
@@ -217,7 +218,7 @@ class Upstream:
         """Send with retries; return a streaming 2xx response (the caller closes it)."""
         client = client or self._client
         if not self.breaker.allow():
-            raise Unavailable(
+            raise self._unavailable(
                 f"upstream {self.name} is down (circuit open after repeated failures)"
             )
         attempt = 0
@@ -247,7 +248,7 @@ class Upstream:
                     log.warning(
                         "upstream %s: %s %s failed: %s", self.name, method, path, type(exc).__name__
                     )
-                    raise Unavailable(
+                    raise self._unavailable(
                         f"upstream {self.name} is unreachable ({type(exc).__name__})"
                     ) from exc
             else:
@@ -314,12 +315,16 @@ class Upstream:
         if status == 403:
             return Denied(f"{where}: access denied")
         if status == 429:
-            retry_after = _retry_after(response)
-            return TooManyRequests(
-                where,
-                headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else {},
-            )
-        return Unavailable(where)
+            wait = _retry_after(response)
+            headers = {"Retry-After": retry_after(wait)} if wait else {}
+            return TooManyRequests(where, headers=headers)
+        return self._unavailable(where, _retry_after(response))
+
+    def _unavailable(self, reason: str, upstream_wait: float | None = None) -> Unavailable:
+        """A 503 for the upstream's failure that says when to come back where that is
+        known: the upstream's own ``Retry-After``, or the rest of the breaker's cool-down."""
+        wait = max(upstream_wait or 0.0, self.breaker.open_for())
+        return Unavailable(reason, headers={"Retry-After": retry_after(wait)} if wait else {})
 
     def _refusal(self, response: httpx.Response, unknown: type[OCIError], where: str) -> OCIError:
         """An upstream 401, which is never the client's to answer: the mirror's own

@@ -30,9 +30,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..config import ConfigError, Settings
-from ..errors import Denied, OCIError, TooManyRequests, Unauthorized, Unsupported
+from ..errors import (
+    Denied,
+    OCIError,
+    TooManyRequests,
+    Unauthorized,
+    Unsupported,
+    retry_after,
+)
 from ..metrics import Metrics
-from ..security.limits import Buckets, Budget, Client, ClientLimits, current_client, retry_after
+from ..security.limits import Buckets, Budget, Client, ClientLimits, current_client
 from ..security.rules import Authorizer
 from ..security.tokens import TokenError, TokenIssuer, load_or_create_key
 from ..security.users import Users

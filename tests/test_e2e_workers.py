@@ -5,9 +5,13 @@ takes the moments between lock, temp file, rename and index commit for a failure
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +22,7 @@ import httpx
 import pytest
 
 from tests.fakes import FakeRegistry
-from tests.support.mirror import MirrorProcess
+from tests.support.mirror import MirrorProcess, write_config
 from tests.support.ports import wait_http_ok
 from tests.support.quirky import QuirkyUpstream
 
@@ -128,4 +132,73 @@ def test_workers_auto_starts_one_per_cpu_the_server_may_run_on(
         children = mirror.pids()[1:]
         spawned = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert (len(spawned) or 1) == len(pinned)
+        assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+
+
+def _sockets_on(pid: int, port: int) -> Counter[str]:
+    """The TCP sockets a process holds on ``port``, by state ("LISTEN", "ESTABLISHED")."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    states = {"01": "ESTABLISHED", "0A": "LISTEN"}
+    found: Counter[str] = Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[9] in inodes:
+                found[states.get(fields[3], fields[3])] += 1
+    return found
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(upstream: QuirkyUpstream) -> None:
+    """Each worker listens on a socket of its own: on one shared socket the worker that
+    woke first took every connection waiting."""
+    with _mirror(upstream) as mirror:
+        workers = [
+            p for p in mirror.pids()[1:] if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2
+        deadline = time.monotonic() + 30
+        while not all(_sockets_on(pid, mirror.port)["LISTEN"] == 1 for pid in workers):
+            assert time.monotonic() < deadline, "a worker did not listen"
+            time.sleep(0.05)
+        # All connected before any request: they wait to be accepted together.
+        clients = [socket.create_connection(("127.0.0.1", mirror.port)) for _ in range(200)]
+        try:
+            for client in clients:
+                client.sendall(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n\r\n")
+            for client in clients:
+                assert client.recv(4096).startswith(b"HTTP/1.1 200")
+            held = [_sockets_on(pid, mirror.port)["ESTABLISHED"] for pid in workers]
+        finally:
+            for client in clients:
+                client.close()
+    assert sum(held) == 200
+    assert min(held) >= 50, held
+
+
+def test_a_second_server_on_the_address_is_refused_not_let_in(
+    upstream: QuirkyUpstream, tmp_path: Path
+) -> None:
+    with _mirror(upstream) as mirror:
+        config = tmp_path / "second.toml"
+        entry = {"name": "docker.io", "url": upstream.url}
+        write_config(config, port=mirror.port, cache_dir=tmp_path / "cache", upstreams=[entry],
+                     workers=2)  # fmt: skip
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        argv = [sys.executable, "-m", "mirror", "serve", "--config", str(config)]
+        second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=environ,
+                                  start_new_session=True)  # fmt: skip
+        try:
+            _, stderr = second.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{mirror.port}" in stderr
         assert httpx.get(f"{mirror.url}/v2/").status_code == 200

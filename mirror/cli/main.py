@@ -11,7 +11,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, Settings, UpstreamSettings, load, parse_workers
 from ..errors import Denied, OCIError, UpstreamRefused
@@ -70,7 +70,7 @@ def _raise_open_file_limit() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..web.server import uvicorn_options
+    from ..web.server import serve_workers, uvicorn_options
 
     settings = _settings(args)
     try:
@@ -93,21 +93,25 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["MIRROR_CACHE_OFFLINE"] = "true"
     _prepare_multiprocess_metrics(settings)
     _raise_open_file_limit()  # before the workers start: they inherit it
-    uvicorn.run(
-        "mirror.cli.main:app_from_environment",
-        factory=True,
-        host=settings.server.host,
-        port=settings.server.port,
-        workers=settings.server.workers,
-        log_level=settings.server.log_level,
-        log_config=None,  # ours, set in each worker by the app factory
-        access_log=False,  # mirror.access logs each request with its cache result
-        proxy_headers=False,
-        server_header=False,
-        timeout_graceful_shutdown=5,
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": settings.server.host,
+        "port": settings.server.port,
+        "workers": settings.server.workers,
+        "log_level": settings.server.log_level,
+        "log_config": None,  # ours, set in each worker by the app factory
+        "access_log": False,  # mirror.access logs each request with its cache result
+        "proxy_headers": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": 5,
         **uvicorn_options(settings.server),
-        ssl_context_factory=tls.listening_context if tls is not None else None,
-    )
+        "ssl_context_factory": tls.listening_context if tls is not None else None,
+    }
+    app = "mirror.cli.main:app_from_environment"
+    if settings.server.workers == 1:
+        uvicorn.run(app, **options)
+    else:
+        serve_workers(uvicorn.Config(app, **options), "https" if tls is not None else "http")
     return 0
 
 

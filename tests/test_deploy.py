@@ -426,7 +426,7 @@ def test_kubernetes_keeps_replicas_apart_available_and_draining() -> None:
     program, seconds = container["lifecycle"]["preStop"]["exec"]["command"]
     assert program == "sleep"
     source = "\n".join(p.read_text() for p in (DEPLOY.parent / "mirror").rglob("*.py"))
-    (shutdown,) = re.findall(r"timeout_graceful_shutdown=(\d+)", source)
+    (shutdown,) = re.findall(r"timeout_graceful_shutdown\"?\s*[=:]\s*(\d+)", source)
     assert pod["terminationGracePeriodSeconds"] > int(seconds) + int(shutdown)
 
 

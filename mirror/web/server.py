@@ -13,10 +13,10 @@ cached blob goes from the page cache to the socket with ``os.sendfile``, never
 through Python. TLS has to encrypt in user space, so a TLS connection is not
 offered it and gets body messages as before.
 
-With several workers each listens on a socket of its own (``SO_REUSEPORT``), and
-the kernel spreads new connections over them. On uvicorn's one shared socket the
-worker that woke first accepted every connection waiting: of 1,000 connections
-opened at once, all went to one worker in two runs of three.
+With several workers each also listens on a socket of its own (``SO_REUSEPORT``),
+and the kernel spreads new connections over them. On uvicorn's one shared socket
+alone the worker that woke first accepted every connection waiting: of 1,000
+connections opened at once, all went to one worker in two runs of three.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from ..config import ConfigError, ServerSettings
 
 __all__ = [
     "BoundedHttpToolsProtocol",
-    "WorkerAddress",
     "ZERO_COPY",
     "serve_workers",
     "uvicorn_options",
@@ -296,46 +295,53 @@ async def _sendfile(transport: asyncio.Transport, fd: int, offset: int, count: i
         os.close(out)
 
 
-class WorkerAddress(socket.socket):
-    """The address the workers serve, bound in the parent, which never listens on it:
-    it holds the port and says at once when it is taken. Sent to a worker process, it
-    arrives as that worker's own socket bound to the same address (``SO_REUSEPORT``),
-    which the worker's server then listens on."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Bound before it shares: an address another server holds (another mirror
-            # sharing its own port too) is refused, not joined.
-            self.bind((host, port))
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        except OSError:
-            self.close()
-            raise
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        host, port = self.getsockname()[:2]
-        return _bound_like, (self.family, host, port)
-
-
 def serve_workers(config: uvicorn.Config, scheme: str) -> None:
-    """uvicorn's supervisor over ``config.workers`` processes, each on its own socket."""
+    """uvicorn's supervisor over ``config.workers`` processes, each listening on the
+    address twice: on a socket of its own (``SO_REUSEPORT``: the kernel spreads new
+    connections over those), and on one bound here that they all share, where
+    connections wait while no worker is up (a crash, a restart); on their own sockets
+    they would be refused then."""
     from uvicorn.supervisors import Multiprocess
 
     try:
-        address = WorkerAddress(config.host, config.port)
+        shared = _bind_shared(config.host, config.port)
     except OSError as exc:
         where = f"{config.host}:{config.port}"
         raise ConfigError("server.port", f"cannot listen on {where}: {exc.strerror}") from exc
-    host, port = address.getsockname()[:2]
+    host, port = shared.getsockname()[:2]
+    own = _OwnSocket(shared.family, host, port)
     log.info("serving %s://%s:%d with %d workers", scheme, host, port, config.workers)
-    with address, contextlib.suppress(KeyboardInterrupt):
-        Multiprocess(config, sockets=[address]).run()
+    with shared, own, contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[shared, own]).run()
+
+
+def _bind_shared(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Bound before it shares: an address another server holds (another mirror
+        # sharing its own port too) is refused, not joined.
+        sock.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _OwnSocket(socket.socket):
+    """Sent to a worker process, arrives as a socket of that worker's own, bound to
+    the address (the parent's stays unbound)."""
+
+    def __init__(self, family: int, host: str, port: int) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.address = (host, port)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _bound_like, (self.family, *self.address)
 
 
 def _bound_like(family: int, host: str, port: int) -> socket.socket:
-    """A worker's own socket on the parent's address (unpickled in the worker)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

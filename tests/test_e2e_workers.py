@@ -127,11 +127,8 @@ def test_workers_auto_starts_one_per_cpu_the_server_may_run_on(
     mirror = MirrorProcess([entry], extra_args=("--workers", "auto"))
     mirror.wrapper = ("taskset", "-c", ",".join(map(str, pinned)))
     with mirror:
-        # One worker is the process itself; more are its children spawned by
-        # multiprocessing (next to its resource tracker).
-        children = mirror.pids()[1:]
-        spawned = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert (len(spawned) or 1) == len(pinned)
+        # One worker is the process itself; more are its children.
+        assert (len(mirror.spawned_workers()) or 1) == len(pinned)
         assert httpx.get(f"{mirror.url}/v2/").status_code == 200
 
 
@@ -158,9 +155,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(upstream: QuirkyUpstr
     """Each worker listens on a socket of its own too: on one shared socket alone the
     worker that woke first took every connection waiting."""
     with _mirror(upstream) as mirror:
-        workers = [
-            p for p in mirror.pids()[1:] if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
-        ]
+        workers = mirror.spawned_workers()
         assert len(workers) == 2
         deadline = time.monotonic() + 30
         # Each on its own socket and on the one they share.

@@ -175,6 +175,12 @@ class MirrorProcess(LoopbackService, Service):
             pids += [int(p) for p in children.read_text().split()]
         return pids
 
+    def spawned_workers(self) -> list[int]:
+        """The worker processes multiprocessing spawned (its resource tracker aside);
+        none when the server process is the one worker."""
+        children = self.pids()[1:]
+        return [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
 
 def peak_rss_bytes(pid: int) -> int:
     """The process's peak resident set size (VmHWM)."""

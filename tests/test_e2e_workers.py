@@ -20,10 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeRegistry
 from tests.support.mirror import MirrorProcess, write_config
-from tests.support.ports import wait_http_ok
+from tests.support.ports import free_port, wait_http_ok
 from tests.support.quirky import QuirkyUpstream
 
 pytestmark = pytest.mark.e2e
@@ -177,24 +178,84 @@ def test_a_burst_of_connections_is_spread_over_the_workers(upstream: QuirkyUpstr
     assert min(held) >= 50, held
 
 
-def test_a_second_server_on_the_address_is_refused_not_let_in(
+def _base_requests(metrics_url: str) -> float:
+    """``GET /v2/`` answers a mirror counted, as its ``/metrics`` says."""
+    response = httpx.get(metrics_url)
+    assert response.status_code == 200
+    text = response.text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    wanted = {"route": "base", "method": "GET", "status": "200"}
+    return sum(s.value for s in samples if s.name == "mirror_http_requests_total"
+               and wanted.items() <= s.labels.items())  # fmt: skip
+
+
+def _second_server(mirror: MirrorProcess, config: Path) -> subprocess.CompletedProcess[str]:
+    """``mirror serve`` on ``config`` while ``mirror`` serves; it should exit at once."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    argv = [sys.executable, "-m", "mirror", "serve", "--config", str(config)]
+    second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=environ,
+                              start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = second.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+    return subprocess.CompletedProcess(argv, second.returncode, "", stderr)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_server_on_the_address_is_refused_and_disturbs_nothing(
+    upstream: QuirkyUpstream, tmp_path: Path, workers: int
+) -> None:
+    """Started by mistake on the same address and cache: it stops before anything
+    starts, and the running server's metrics (files, with two workers) carry on."""
+    entry = {"name": "docker.io", "url": upstream.url}
+    with MirrorProcess([entry], workers=workers, workdir=tmp_path / "first") as mirror:
+        for _ in range(3):
+            assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+        counted = _base_requests(f"{mirror.url}/metrics")
+        assert counted >= 3
+        config = tmp_path / "second.toml"
+        write_config(config, port=mirror.port, cache_dir=mirror.cache_dir, upstreams=[entry],
+                     workers=workers)  # fmt: skip
+        second = _second_server(mirror, config)
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{mirror.port}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+        assert _base_requests(f"{mirror.url}/metrics") >= counted + 1
+
+
+def test_servers_sharing_a_cache_directory_keep_their_metrics_apart(
     upstream: QuirkyUpstream, tmp_path: Path
 ) -> None:
-    with _mirror(upstream) as mirror:
-        config = tmp_path / "second.toml"
-        entry = {"name": "docker.io", "url": upstream.url}
-        write_config(config, port=mirror.port, cache_dir=tmp_path / "cache", upstreams=[entry],
-                     workers=2)  # fmt: skip
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-        argv = [sys.executable, "-m", "mirror", "serve", "--config", str(config)]
-        second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=environ,
-                                  start_new_session=True)  # fmt: skip
-        try:
-            _, stderr = second.communicate(timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(second.pid, signal.SIGKILL)
-            second.wait()
-        assert second.returncode == 2
-        assert f"cannot listen on 127.0.0.1:{mirror.port}" in stderr
-        assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+    """A new version started beside the old on another port, on the same cache: each
+    counts what it answered; one whose metrics port is taken stops, naming it."""
+    entry = {"name": "docker.io", "url": upstream.url}
+    cache = tmp_path / "cache"
+    metrics = {"metrics_address": f"127.0.0.1:{free_port()}"}
+    scraped = f"http://{metrics['metrics_address']}/metrics"
+    with MirrorProcess([entry], workers=2, cache_dir=cache, workdir=tmp_path / "a") as old:
+        for _ in range(10):
+            assert httpx.get(f"{old.url}/v2/").status_code == 200
+        counted = _base_requests(f"{old.url}/metrics")
+        assert counted >= 10
+        new = MirrorProcess([entry], workers=2, cache_dir=cache, workdir=tmp_path / "b",
+                            server=metrics)  # fmt: skip
+        with new:
+            assert httpx.get(f"{new.url}/v2/").status_code == 200
+            answered = _base_requests(scraped)
+            assert 1 <= answered < counted  # its own answers, not the old one's too
+            config = tmp_path / "third.toml"
+            write_config(config, port=free_port(), cache_dir=cache, upstreams=[entry], workers=2,
+                         server=metrics)  # fmt: skip
+            third = _second_server(new, config)
+            assert third.returncode == 2
+            taken = f"server.metrics_address: cannot listen on {metrics['metrics_address']}"
+            assert taken in third.stderr
+            assert _base_requests(scraped) == answered
+        assert _base_requests(f"{old.url}/metrics") == counted
+    # Each start clears what stopped servers left, and nothing else.
+    with MirrorProcess([entry], workers=2, cache_dir=cache, workdir=tmp_path / "c"):
+        assert len([p for p in (cache / "metrics").iterdir() if p.is_dir()]) == 1

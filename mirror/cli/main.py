@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from ..errors import Denied, OCIError, UpstreamRefused
 from ..logs import configure_logging
 from ..manifest import MANIFEST_TYPES
 from ..reference import ImageReference, parse_image_reference
+from ..storage.locks import FileLock
 from ..web.tls import CertificateFiles
 
 # Nothing here imports prometheus-client (through .upstream, .metrics, .service or
@@ -70,7 +72,7 @@ def _raise_open_file_limit() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..web.server import serve_workers, uvicorn_options
+    from ..web.server import bind_address, serve, uvicorn_options
 
     settings = _settings(args)
     try:
@@ -91,7 +93,8 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["MIRROR_CONFIG"] = str(Path(args.config).resolve())
     if settings.cache.offline:
         os.environ["MIRROR_CACHE_OFFLINE"] = "true"
-    _prepare_multiprocess_metrics(settings)
+    sock = bind_address(settings.server.host, settings.server.port, workers=settings.server.workers)
+    metrics_lock = _prepare_multiprocess_metrics(settings)
     _raise_open_file_limit()  # before the workers start: they inherit it
     options: dict[str, Any] = {
         "factory": True,
@@ -107,25 +110,34 @@ def _serve(args: argparse.Namespace) -> int:
         **uvicorn_options(settings.server),
         "ssl_context_factory": tls.listening_context if tls is not None else None,
     }
-    app = "mirror.cli.main:app_from_environment"
-    if settings.server.workers == 1:
-        uvicorn.run(app, **options)
-    else:
-        serve_workers(uvicorn.Config(app, **options), "https" if tls is not None else "http")
+    config = uvicorn.Config("mirror.cli.main:app_from_environment", **options)
+    try:
+        serve(config, sock, "https" if tls is not None else "http")
+    finally:
+        if metrics_lock is not None:
+            metrics_lock.release()  # the next start clears the files
     return 0
 
 
-def _prepare_multiprocess_metrics(settings: Settings) -> None:
+def _prepare_multiprocess_metrics(settings: Settings) -> FileLock | None:
     """With several workers, or a metrics listener apart from them, every worker counts
-    into files that a scrape adds up (prometheus-client's multiprocess mode); they
-    start empty with each server. One worker alone counts in memory: a file write per
-    count was 5% of a warm request's instructions."""
-    directory = settings.cache.directory / "metrics"
-    shutil.rmtree(directory, ignore_errors=True)
+    into files that a scrape adds up (prometheus-client's multiprocess mode). One
+    worker alone counts in memory: a file write per count was 5% of a warm request's
+    instructions.
+
+    The files go in a directory of this server's own under the cache's ``metrics/``,
+    held by the lock returned while it serves: another server on the same cache (a
+    second start by mistake, a new version started beside the old) leaves them alone,
+    and each start clears what servers that died left there."""
+    root = settings.cache.directory / "metrics"
+    _clear_dead_metrics(root)
     if settings.server.workers == 1 and settings.server.metrics_address is None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        return
-    directory.mkdir(parents=True)
+        return None
+    while not (lock := FileLock(root / f"{secrets.token_hex(4)}.lock")).try_acquire():
+        pass
+    directory = lock.path.with_suffix("")
+    directory.mkdir()
     # Read by prometheus-client when it is first imported, which is after this.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     if settings.server.metrics_address:
@@ -136,7 +148,33 @@ def _prepare_multiprocess_metrics(settings: Settings) -> None:
 
         host, _, port = settings.server.metrics_address.rpartition(":")
         store = Store(settings.cache.directory, settings.cache.max_size)
-        start_http_server(int(port), host, registry=Metrics(store.facts).scrape_registry())
+        try:
+            start_http_server(int(port), host, registry=Metrics(store.facts).scrape_registry())
+        except OSError as exc:
+            lock.release()
+            shutil.rmtree(directory, ignore_errors=True)
+            where = settings.server.metrics_address
+            raise ConfigError(
+                "server.metrics_address", f"cannot listen on {where}: {exc.strerror}"
+            ) from exc
+    return lock
+
+
+def _clear_dead_metrics(root: Path) -> None:
+    """Remove the metrics directories no live server holds (a server takes its lock
+    before it makes its directory), and the files of versions that counted straight
+    into ``metrics/``."""
+    root.mkdir(exist_ok=True)
+    for path in root.iterdir():
+        if path.suffix == ".lock":
+            lock = FileLock(path)
+            if lock.try_acquire():
+                shutil.rmtree(path.with_suffix(""), ignore_errors=True)
+                lock.release(remove=True)
+        elif path.suffix == ".db":
+            path.unlink(missing_ok=True)
+        elif not path.with_suffix(".lock").exists():  # its lock goes after it
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def app_from_environment() -> object:

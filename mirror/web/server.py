@@ -38,7 +38,8 @@ from ..config import ConfigError, ServerSettings
 __all__ = [
     "BoundedHttpToolsProtocol",
     "ZERO_COPY",
-    "serve_workers",
+    "bind_address",
+    "serve",
     "uvicorn_options",
 ]
 
@@ -295,38 +296,44 @@ async def _sendfile(transport: asyncio.Transport, fd: int, offset: int, count: i
         os.close(out)
 
 
-def serve_workers(config: uvicorn.Config, scheme: str) -> None:
-    """uvicorn's supervisor over ``config.workers`` processes, each listening on the
-    address twice: on a socket of its own (``SO_REUSEPORT``: the kernel spreads new
-    connections over those), and on one bound here that they all share, where
-    connections wait while no worker is up (a crash, a restart); on their own sockets
-    they would be refused then."""
-    from uvicorn.supervisors import Multiprocess
-
-    try:
-        shared = _bind_shared(config.host, config.port)
-    except OSError as exc:
-        where = f"{config.host}:{config.port}"
-        raise ConfigError("server.port", f"cannot listen on {where}: {exc.strerror}") from exc
-    host, port = shared.getsockname()[:2]
-    own = _OwnSocket(shared.family, host, port)
-    log.info("serving %s://%s:%d with %d workers", scheme, host, port, config.workers)
-    with shared, own, contextlib.suppress(KeyboardInterrupt):
-        Multiprocess(config, sockets=[shared, own]).run()
-
-
-def _bind_shared(host: str, port: int) -> socket.socket:
+def bind_address(host: str, port: int, *, workers: int) -> socket.socket:
+    """The API's listening socket, bound before anything else starts: an address
+    another server holds is refused at once, naming it, not after the app started."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Bound before it shares: an address another server holds (another mirror
-        # sharing its own port too) is refused, not joined.
+        # Shared only once bound: another mirror's workers, sharing their address
+        # too, refuse this bind rather than take it in.
         sock.bind((host, port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    except OSError:
+        if workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError as exc:
         sock.close()
-        raise
+        raise ConfigError("server.port", f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return sock
+
+
+def serve(config: uvicorn.Config, sock: socket.socket, scheme: str) -> None:
+    """Serve on ``sock`` (from ``bind_address``) with ``config.workers`` processes."""
+    with sock, contextlib.suppress(KeyboardInterrupt):
+        if config.workers == 1:
+            uvicorn.Server(config).run(sockets=[sock])
+        else:
+            _serve_workers(config, sock, scheme)
+
+
+def _serve_workers(config: uvicorn.Config, shared: socket.socket, scheme: str) -> None:
+    """uvicorn's supervisor over ``config.workers`` processes, each listening on the
+    address twice: on a socket of its own (``SO_REUSEPORT``: the kernel spreads new
+    connections over those), and on ``shared``, where connections wait while no
+    worker is up (a crash, a restart); on their own sockets they would be refused then."""
+    from uvicorn.supervisors import Multiprocess
+
+    host, port = shared.getsockname()[:2]
+    own = _OwnSocket(shared.family, host, port)
+    log.info("serving %s://%s:%d with %d workers", scheme, host, port, config.workers)
+    with own:
+        Multiprocess(config, sockets=[shared, own]).run()
 
 
 class _OwnSocket(socket.socket):

@@ -242,6 +242,11 @@ def _figures(plan: Plan, rate: float) -> list[Figure]:
                targets=(Condition("<=", 0.5, ref),), applies_direct=True),
         Figure("3", "concurrent_cold_upstream_ratio", "  upstream bytes ÷ image size", "×", 3,
                targets=(Condition("<=", 1.05),), applies_direct=True),
+        # What bounds the step on a machine the clients share: their CPU and the server's.
+        Figure("3", "concurrent_cold_client_cpu", "  CPU of the 10 skopeo clients", "s", 1,
+               applies_direct=True),
+        Figure("3", "concurrent_cold_server_cpu", "  CPU of the cache (direct: upstream)", "s", 1,
+               applies_direct=True),
         Figure("4", "manifest_tag_rps", "warm manifest GET by tag", "req/s", 0,
                targets=(Condition(">=", 10, ref),), applies_direct=True),
         Figure("4", "manifest_tag_p50", "  p50 latency", "ms", 2, applies_direct=True),
@@ -708,6 +713,8 @@ class Bench:
                 ratio = sent / image.total_size
                 self.set("concurrent_cold_seconds", endpoint.name, run.wall_seconds)
                 self.set("concurrent_cold_upstream_ratio", endpoint.name, ratio)
+                self.set("concurrent_cold_client_cpu", endpoint.name, run.client_cpu_seconds)
+                self.set("concurrent_cold_server_cpu", endpoint.name, cpu.seconds)
                 self.detail(
                     "3",
                     endpoint.name,

@@ -721,6 +721,7 @@ class Bench:
                     wall_seconds=run.wall_seconds,
                     pull_seconds=[round(s, 3) for s in run.seconds],
                     client_cpu_seconds=run.client_cpu_seconds,
+                    client_system_seconds=run.client_system_seconds,
                     upstream_blob_bytes=sent,
                     image_bytes=image.total_size,
                     upstream_requests=breakdown(entries),
@@ -745,6 +746,7 @@ class Bench:
                     # bytes over the whole pull, not the fill's own rate
                     f" ({sent / run.wall_seconds / 1e6:.0f} MB per wall s){rss}"
                     f"   server CPU {cpu.seconds:.1f} s, clients {run.client_cpu_seconds:.1f} s"
+                    f" ({run.client_system_seconds:.1f} s system)"
                     + (f", link CPU {link_cpu.seconds:.1f} s" if link_cpu else "")
                     + f", machine {cpu.machine_busy:.0%} busy"
                 )

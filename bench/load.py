@@ -64,8 +64,8 @@ class PullRun:
     #: CPU seconds (user + system) the skopeo processes used: on 2 cores, ten clients
     #: checking and writing 512 MiB each can be what bounds the wall time
     client_cpu_seconds: float = 0.0
-    #: the system part: on loopback a busy reader's socket does the TCP work of what it
-    #: receives (and what its acknowledgements let the server send) in its own time
+    #: the system part, which is what grows when a cache keeps ten clients busy on two
+    #: cores (see bench/README.md)
     client_system_seconds: float = 0.0
 
 

@@ -182,15 +182,14 @@ def _base_requests(metrics_url: str) -> float:
     """``GET /v2/`` answers a mirror counted, as its ``/metrics`` says."""
     response = httpx.get(metrics_url)
     assert response.status_code == 200
-    text = response.text
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    samples = [s for f in text_string_to_metric_families(response.text) for s in f.samples]
     wanted = {"route": "base", "method": "GET", "status": "200"}
     return sum(s.value for s in samples if s.name == "mirror_http_requests_total"
                and wanted.items() <= s.labels.items())  # fmt: skip
 
 
-def _second_server(mirror: MirrorProcess, config: Path) -> subprocess.CompletedProcess[str]:
-    """``mirror serve`` on ``config`` while ``mirror`` serves; it should exit at once."""
+def _second_server(config: Path) -> subprocess.CompletedProcess[str]:
+    """``mirror serve`` on ``config`` while another serves; it should exit at once."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
     argv = [sys.executable, "-m", "mirror", "serve", "--config", str(config)]
     second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=environ,
@@ -219,7 +218,7 @@ def test_a_second_server_on_the_address_is_refused_and_disturbs_nothing(
         config = tmp_path / "second.toml"
         write_config(config, port=mirror.port, cache_dir=mirror.cache_dir, upstreams=[entry],
                      workers=workers)  # fmt: skip
-        second = _second_server(mirror, config)
+        second = _second_server(config)
         assert second.returncode == 2
         assert f"cannot listen on 127.0.0.1:{mirror.port}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -250,7 +249,7 @@ def test_servers_sharing_a_cache_directory_keep_their_metrics_apart(
             config = tmp_path / "third.toml"
             write_config(config, port=free_port(), cache_dir=cache, upstreams=[entry], workers=2,
                          server=metrics)  # fmt: skip
-            third = _second_server(new, config)
+            third = _second_server(config)
             assert third.returncode == 2
             taken = f"server.metrics_address: cannot listen on {metrics['metrics_address']}"
             assert taken in third.stderr

@@ -10,8 +10,6 @@ import hashlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeRegistry
-from tests.support.mirror import MirrorProcess, write_config
+from tests.support.mirror import MirrorProcess, run_cli, write_config
 from tests.support.ports import free_port, wait_http_ok
 from tests.support.quirky import QuirkyUpstream
 
@@ -188,21 +186,6 @@ def _base_requests(metrics_url: str) -> float:
                and wanted.items() <= s.labels.items())  # fmt: skip
 
 
-def _second_server(config: Path) -> subprocess.CompletedProcess[str]:
-    """``mirror serve`` on ``config`` while another serves; it should exit at once."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    argv = [sys.executable, "-m", "mirror", "serve", "--config", str(config)]
-    second = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=environ,
-                              start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = second.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(second.pid, signal.SIGKILL)
-        second.wait()
-    return subprocess.CompletedProcess(argv, second.returncode, "", stderr)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_second_server_on_the_address_is_refused_and_disturbs_nothing(
     upstream: QuirkyUpstream, tmp_path: Path, workers: int
@@ -218,7 +201,7 @@ def test_a_second_server_on_the_address_is_refused_and_disturbs_nothing(
         config = tmp_path / "second.toml"
         write_config(config, port=mirror.port, cache_dir=mirror.cache_dir, upstreams=[entry],
                      workers=workers)  # fmt: skip
-        second = _second_server(config)
+        second = run_cli("serve", "--config", str(config), timeout=30)
         assert second.returncode == 2
         assert f"cannot listen on 127.0.0.1:{mirror.port}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -249,7 +232,7 @@ def test_servers_sharing_a_cache_directory_keep_their_metrics_apart(
             config = tmp_path / "third.toml"
             write_config(config, port=free_port(), cache_dir=cache, upstreams=[entry], workers=2,
                          server=metrics)  # fmt: skip
-            third = _second_server(config)
+            third = run_cli("serve", "--config", str(config), timeout=30)
             assert third.returncode == 2
             taken = f"server.metrics_address: cannot listen on {metrics['metrics_address']}"
             assert taken in third.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -193,15 +194,18 @@ def peak_rss_bytes(pid: int) -> int:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mirror ARGS`` to completion, capturing its output."""
+    """Run ``python -m mirror ARGS`` to completion, capturing its output; whatever it
+    started (a ``serve`` that should have refused, and its workers) goes with it."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
     environ.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    argv = [sys.executable, "-m", "mirror", *args]
+    pipe = subprocess.PIPE
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True,
+                               env=environ, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
